@@ -1,0 +1,3 @@
+from bitmig.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""A dirty bitmap backed by numpy, with meta bitmaps that record which chunks changed.
+
+The in-memory form is the serialized form: little-endian 64-bit words, bit i of the
+bitmap is bit (i mod 64) of word i // 64, the last word zero-padded. Its sha256 is
+therefore QEMU's `x-debug-block-dirty-bitmap-sha256`, and serializing a chunk is a
+memoryview, not a copy. This module knows nothing of the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from bitmig import defaults
+from bitmig.protocol import spec
+
+Buffer = Any  # bytes, bytearray, memoryview or ndarray (collections.abc.Buffer is 3.12+)
+
+WORD = np.dtype("<u8")
+ALL_ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+class GeometryError(ValueError):
+    """A disk size, granularity or chunk size that no bitmap can have."""
+
+
+class RangeError(ValueError):
+    """A byte or chunk range that lies outside the bitmap."""
+
+
+def check_geometry(disk_size: int, granularity: int, chunk_size: int) -> None:
+    """Raise GeometryError naming the first parameter that is out of bounds."""
+    if not spec.is_power_of_two(granularity) or granularity < spec.MIN_GRANULARITY:
+        raise GeometryError(
+            f"granularity must be a power of two >= {spec.MIN_GRANULARITY}, got {granularity}"
+        )
+    if granularity > spec.MAX_GRANULARITY:
+        raise GeometryError(f"granularity must be <= {spec.MAX_GRANULARITY}, got {granularity}")
+    if not spec.is_power_of_two(chunk_size) or not (
+        spec.MIN_CHUNK_SIZE <= chunk_size <= spec.MAX_CHUNK_SIZE
+    ):
+        raise GeometryError(
+            f"chunk size must be a power of two in [{spec.MIN_CHUNK_SIZE}, "
+            f"{spec.MAX_CHUNK_SIZE}], got {chunk_size}"
+        )
+    if disk_size < 1:
+        raise GeometryError(f"disk size must be at least 1 byte, got {disk_size}")
+    size = serialized_size(disk_size, granularity)
+    if size > spec.MAX_BITMAP_BYTES:
+        raise GeometryError(
+            f"bitmap of {size} bytes exceeds the limit of {spec.MAX_BITMAP_BYTES} bytes "
+            f"(disk {disk_size} B at granularity {granularity} B)"
+        )
+
+
+def bit_count(disk_size: int, granularity: int) -> int:
+    return -(-disk_size // granularity)
+
+
+def serialized_size(disk_size: int, granularity: int) -> int:
+    """Bytes of the serialized bitmap: whole 64-bit words."""
+    return -(-bit_count(disk_size, granularity) // 64) * 8
+
+
+class ChangeTracker:
+    """One flag per unit of `unit_words` words, set when a bit inside the unit changes.
+
+    The meta bitmap is a ChangeTracker with unit = chunk size; the digest cache keeps
+    another one per digest block. Flags are a numpy bool array: one byte per unit
+    costs 1 MiB for a 1 GiB bitmap and makes bulk marking a single fancy-index store.
+    """
+
+    def __init__(self, nwords: int, unit_words: int, initial: bool = False) -> None:
+        self.shift = unit_words.bit_length() - 1
+        self.flags = np.full(-(-nwords // unit_words), initial, dtype=bool)
+
+    def mark_words(self, word_indices: np.ndarray) -> None:
+        self.flags[word_indices >> self.shift] = True
+
+    def mark_word(self, i: int) -> None:
+        self.flags[i >> self.shift] = True
+
+    def mark_all(self) -> None:
+        self.flags[:] = True
+
+    def dirty(self) -> np.ndarray:
+        """Indices of flagged units, ascending."""
+        return np.flatnonzero(self.flags)
+
+    def count(self) -> int:
+        return int(np.count_nonzero(self.flags))
+
+
+class DirtyBitmap:
+    """One bit per `granularity` bytes of a disk of `disk_size` bytes."""
+
+    def __init__(
+        self,
+        disk_size: int,
+        granularity: int = defaults.GRANULARITY,
+        chunk_size: int = defaults.CHUNK_SIZE,
+        words: np.ndarray | None = None,
+    ) -> None:
+        check_geometry(disk_size, granularity, chunk_size)
+        self.disk_size = disk_size
+        self.granularity = granularity
+        self.chunk_size = chunk_size
+        self.nbits = bit_count(disk_size, granularity)
+        self.nwords = -(-self.nbits // 64)
+        self.chunk_words = chunk_size // 8
+        if words is None:
+            words = np.zeros(self.nwords, dtype=WORD)
+        elif words.dtype != WORD or words.shape != (self.nwords,):
+            raise GeometryError(f"words must be {self.nwords} little-endian uint64")
+        self.words = words
+        self._tail_mask = np.uint64((1 << (self.nbits % 64)) - 1) if self.nbits % 64 else ALL_ONES
+        self._count = int(np.bitwise_count(words).sum()) if words.any() else 0
+        self.meta = ChangeTracker(self.nwords, self.chunk_words)
+        self._trackers: list[ChangeTracker] = [self.meta]
+
+    # -- geometry ---------------------------------------------------------------------
+
+    @property
+    def serialized_size(self) -> int:
+        return self.nwords * 8
+
+    @property
+    def nchunks(self) -> int:
+        return -(-self.nwords // self.chunk_words)
+
+    def chunk_bytes(self, first: int, count: int) -> int:
+        """Serialized bytes of chunks [first, first + count) (the last chunk may be short)."""
+        self._check_chunks(first, count)
+        return min((first + count) * self.chunk_size, self.serialized_size) - (
+            first * self.chunk_size
+        )
+
+    def add_tracker(self, unit_words: int) -> ChangeTracker:
+        """A new change tracker, all flags set (everything is new to its user)."""
+        tracker = ChangeTracker(self.nwords, unit_words, initial=True)
+        self._trackers.append(tracker)
+        return tracker
+
+    # -- mutation ---------------------------------------------------------------------
+
+    def _bit_range(self, offset: int, length: int, *, inner: bool) -> tuple[int, int]:
+        if offset < 0 or length < 0 or offset + length > self.disk_size:
+            raise RangeError(
+                f"range [{offset}, {offset + length}) lies outside the disk of "
+                f"{self.disk_size} bytes"
+            )
+        g = self.granularity
+        if inner:  # clusters wholly inside the range
+            return -(-offset // g), (offset + length) // g
+        return offset // g, -(-(offset + length) // g)  # clusters the range touches
+
+    def set(self, offset: int, length: int) -> int:
+        """Mark every cluster that [offset, offset+length) touches. Returns bits changed."""
+        a, b = self._bit_range(offset, length, inner=False)
+        return self.set_bits(a, b)
+
+    def reset(self, offset: int, length: int) -> int:
+        """Clear the clusters that [offset, offset+length) covers wholly.
+
+        A partly covered cluster stays dirty: clearing it would hide a write that the
+        range does not account for. Returns bits changed.
+        """
+        a, b = self._bit_range(offset, length, inner=True)
+        return self.reset_bits(a, b)
+
+    def set_bits(self, a: int, b: int) -> int:
+        return self._apply(a, b, True)
+
+    def reset_bits(self, a: int, b: int) -> int:
+        return self._apply(a, b, False)
+
+    def clear(self) -> int:
+        return self._apply(0, self.nbits, False)
+
+    def _apply(self, a: int, b: int, value: bool) -> int:
+        if not 0 <= a <= b <= self.nbits:
+            raise RangeError(f"bit range [{a}, {b}) outside [0, {self.nbits})")
+        if a == b:
+            return 0
+        wa, wb = a >> 6, (b - 1) >> 6
+        head = (ALL_ONES << np.uint64(a & 63)) & ALL_ONES
+        tail = ALL_ONES >> np.uint64(63 - ((b - 1) & 63))
+        if wa == wb:  # the common case (one write, one cluster): scalar, no arrays
+            mask = head & tail
+            old = self.words[wa]
+            new = (old | mask) if value else (old & ~mask)
+            if new == old:
+                return 0
+            self.words[wa] = new
+            changed = int(np.bitwise_count(old ^ new))
+            self._count += changed if value else -changed
+            for t in self._trackers:
+                t.mark_word(wa)
+            return changed
+        seg = self.words[wa : wb + 1]
+        old = seg.copy()
+        if value:
+            seg[0] |= head
+            seg[1:-1] = ALL_ONES
+            seg[-1] |= tail
+        else:
+            seg[0] &= ~head
+            seg[1:-1] = 0
+            seg[-1] &= ~tail
+        diff = old ^ seg
+        changed = int(np.bitwise_count(diff).sum())
+        if changed:
+            self._count += changed if value else -changed
+            idx = np.flatnonzero(diff) + wa
+            for t in self._trackers:
+                t.mark_words(idx)
+        return changed
+
+    def set_many(self, bits: np.ndarray) -> int:
+        """Set many single bits at once (a batch of cluster writes). Returns bits changed."""
+        return self._apply_many(bits, True)
+
+    def reset_many(self, bits: np.ndarray) -> int:
+        return self._apply_many(bits, False)
+
+    def _apply_many(self, bits: np.ndarray, value: bool) -> int:
+        bits = np.asarray(bits, dtype=np.int64)
+        if bits.size == 0:
+            return 0
+        if bits.min() < 0 or bits.max() >= self.nbits:
+            raise RangeError(f"bit index outside [0, {self.nbits})")
+        bits = np.unique(bits)  # duplicates would count twice below
+        widx = bits >> 6
+        masks = np.left_shift(np.uint64(1), (bits & 63).astype(np.uint64))
+        hit = (self.words[widx] & masks) != 0
+        todo = ~hit if value else hit
+        if not todo.any():
+            return 0
+        widx, masks = widx[todo], masks[todo]
+        if value:
+            np.bitwise_or.at(self.words, widx, masks)
+        else:
+            np.bitwise_and.at(self.words, widx, ~masks)
+        changed = int(widx.size)
+        self._count += changed if value else -changed
+        for t in self._trackers:
+            t.mark_words(widx)
+        return changed
+
+    # -- queries ------------------------------------------------------------------------
+
+    def count(self) -> int:
+        """Number of set bits (kept up to date by every mutation)."""
+        return self._count
+
+    def get(self, bit: int) -> bool:
+        return bool((int(self.words[bit >> 6]) >> (bit & 63)) & 1)
+
+    def sha256(self) -> bytes:
+        """QEMU's x-debug-block-dirty-bitmap-sha256 of this bitmap."""
+        return hashlib.sha256(self.words.data).digest()
+
+    def to_bools(self) -> np.ndarray:
+        """One bool per bit (for tests and reference models)."""
+        return np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.nbits].astype(
+            bool
+        )
+
+    # -- serialization ------------------------------------------------------------------
+
+    def _check_chunks(self, first: int, count: int) -> None:
+        if first < 0 or count < 0 or first + count > self.nchunks:
+            raise RangeError(
+                f"chunks [{first}, {first + count}) outside [0, {self.nchunks})"
+            )
+
+    def chunk_words_view(self, first: int, count: int) -> np.ndarray:
+        """The words of chunks [first, first + count): a view, not a copy."""
+        self._check_chunks(first, count)
+        return self.words[first * self.chunk_words : (first + count) * self.chunk_words]
+
+    def serialize(self, first: int, count: int) -> memoryview:
+        """Serialized bytes of chunks [first, first + count), as a view into the bitmap."""
+        return memoryview(self.chunk_words_view(first, count)).cast("B")
+
+    def nonzero_chunks(self) -> np.ndarray:
+        """Bool per chunk: True where any bit of the chunk is set."""
+        full = self.nwords // self.chunk_words
+        out = np.empty(self.nchunks, dtype=bool)
+        out[:full] = self.words[: full * self.chunk_words].reshape(full, -1).any(axis=1)
+        if full < self.nchunks:
+            out[full] = self.words[full * self.chunk_words :].any()
+        return out
+
+    def _store(self, first: int, count: int, new: np.ndarray | int) -> None:
+        seg = self.chunk_words_view(first, count)
+        before = int(np.bitwise_count(seg).sum())
+        seg[:] = new
+        if first + count == self.nchunks:
+            seg[-1] &= self._tail_mask  # padding bits past the last cluster stay zero
+        self._count += int(np.bitwise_count(seg).sum()) - before
+        lo = first * self.chunk_words
+        for t in self._trackers:
+            if t is not self.meta:
+                t.flags[lo >> t.shift : ((lo + seg.size - 1) >> t.shift) + 1] = True
+
+    def deserialize(self, first: int, count: int, data: Buffer) -> None:
+        """Overwrite chunks [first, first + count) with serialized bytes."""
+        expect = self.chunk_bytes(first, count)
+        src = np.frombuffer(data, dtype=WORD)
+        if src.nbytes != expect:
+            raise ValueError(f"expected {expect} bytes for chunks [{first}, {first + count}), "
+                             f"got {src.nbytes}")
+        if first + count == self.nchunks and int(src[-1]) & ~int(self._tail_mask):
+            raise ValueError("bits set past the end of the disk")
+        self._store(first, count, src)
+
+    def deserialize_zeroes(self, first: int, count: int) -> None:
+        self._store(first, count, 0)
+
+    def deserialize_ones(self, first: int, count: int) -> None:
+        self._store(first, count, ALL_ONES)

@@ -1,0 +1,96 @@
+"""The asyncio adapter around a sans-IO Connection: a socket, timeouts, tracing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from bitmig import defaults
+from bitmig.protocol.connection import Connection
+from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
+from bitmig.protocol.events import Error, Event
+from bitmig.protocol.spec import ErrorCode
+from bitmig.protocol.state import Role
+from bitmig.trace import Trace
+
+READ_SIZE = 1 << 20
+
+
+class Timeout(Exception):
+    """A wait for the peer expired; the message names the wait."""
+
+
+class Channel:
+    """Frames over one stream connection, validated by a Connection."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        role: Role,
+        trace: Trace,
+        io_timeout: float = defaults.IO_TIMEOUT,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.trace = trace
+        self.conn = Connection(role, observer=self._observe if trace.enabled else None)
+        self.io_timeout = io_timeout
+        self._events: deque[Event] = deque()
+
+    def _observe(self, direction: str, event: Event, nbytes: int) -> None:
+        self.trace.frame(direction, self.peer, event, nbytes)
+
+    def write(self, event: Event) -> None:
+        """Queue a frame; payload views are copied into the transport before this returns."""
+        self.writer.writelines(self.conn.send(event))
+
+    async def drain(self, what: str = "the peer to accept data") -> None:
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.io_timeout)
+        except TimeoutError:
+            raise Timeout(f"timed out after {self.io_timeout:g}s waiting for {what}") from None
+
+    async def send(self, event: Event) -> None:
+        self.write(event)
+        await self.drain()
+
+    async def recv(self, what: str, timeout: float | None = None) -> Event:
+        """The next event from the peer. Error frames raise PeerError."""
+        limit = self.io_timeout if timeout is None else timeout
+        while not self._events:
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), limit)
+            except TimeoutError:
+                raise Timeout(f"timed out after {limit:g}s waiting for {what}") from None
+            if not data:
+                self.conn.receive_eof()
+                raise RemoteProtocolError(ErrorCode.CLOSED, f"connection closed while waiting "
+                                                            f"for {what}")
+            self._events.extend(self.conn.receive_data(data))
+        event = self._events.popleft()
+        if type(event) is Error:
+            raise PeerError(event.code, event.message, event.id)
+        return event
+
+    def pending(self) -> bool:
+        return bool(self._events)
+
+    async def fail(self, exc: ProtocolError) -> None:
+        """Tell the peer what went wrong (best effort) and close."""
+        try:
+            self.writer.writelines(self.conn.error_frame(exc))
+            await asyncio.wait_for(self.writer.drain(), 2)
+        except (OSError, TimeoutError, ProtocolError):
+            pass
+        await self.close()
+
+    async def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (OSError, TimeoutError):
+            pass

@@ -1,0 +1,377 @@
+"""The bitmig command line: source, dest, demo, info, ctl, trace, bench.
+
+Every daemon option can also be given as an environment variable BITMIG_<OPTION>
+(upper case, dashes as underscores), e.g. BITMIG_LISTEN=0.0.0.0:7800; a flag on the
+command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from bitmig import __version__, defaults
+from bitmig.units import format_size, parse_size
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get("BITMIG_" + name.upper().replace("-", "_"), default)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or defaults.LISTEN_HOST, int(port)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_common(p: argparse.ArgumentParser, side: str) -> None:
+    from bitmig.daemon import control_path_default
+
+    p.add_argument("--control", default=_env("control", control_path_default(side)),
+                   help="path of the JSON-lines control socket (mode 0600: this user only)")
+    p.add_argument("--trace", default=_env("trace", None), metavar="PATH",
+                   help="append a JSON-lines protocol trace of every frame and event to PATH")
+    p.add_argument("--log-level", default=_env("log_level", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--io-timeout", type=float, default=float(_env("io_timeout",
+                   defaults.IO_TIMEOUT)), help="seconds any single wait for the peer may take")
+    p.add_argument("--connect-timeout", type=float, default=float(_env("connect_timeout",
+                   defaults.CONNECT_TIMEOUT)), help="seconds to connect and exchange hello")
+
+
+def _add_migration_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downtime-ms", type=float, default=float(_env("downtime_ms",
+                   defaults.DOWNTIME_MS)), help="target for the frozen completion window; dirty "
+                   "passes continue while the pending bytes would take longer at the measured "
+                   "bandwidth")
+    p.add_argument("--max-passes", type=int, default=int(_env("max_passes", defaults.MAX_PASSES)),
+                   help="dirty passes before completion is forced (reported as forced)")
+    p.add_argument("--small-threshold", type=_size, default=_size(str(_env(
+                   "small_threshold", defaults.SMALL_THRESHOLD))),
+                   help="bitmaps whose serialized size is at or below this skip the live phase "
+                   "and are sent once, whole, at completion")
+
+
+def _options(a: argparse.Namespace) -> Any:
+    from bitmig.migration import MigrationOptions
+
+    return MigrationOptions(downtime_ms=a.downtime_ms, max_passes=a.max_passes,
+                            small_threshold=a.small_threshold, io_timeout=a.io_timeout,
+                            connect_timeout=a.connect_timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bitmig", formatter_class=_Formatter,
+        description="Live migration of block dirty bitmaps between hosts.\n\n"
+        "Run `bitmig dest` on the receiving host and `bitmig source` on the sending one;\n"
+        "`bitmig demo` runs both on loopback with a built-in write workload.")
+    p.add_argument("--version", action="version", version=f"bitmig {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("dest", formatter_class=_Formatter,
+                       help="destination daemon: receive, verify, store, acknowledge",
+                       description="Listen for migrations; rebuild each bitmap, verify its "
+                       "digest and count,\nstore it durably under --state-dir, then acknowledge. "
+                       "Prints one line\n'listening on HOST:PORT' when ready.")
+    d.add_argument("--listen", type=_hostport, default=_hostport(str(_env(
+        "listen", f"{defaults.LISTEN_HOST}:{defaults.PORT}"))), metavar="HOST:PORT",
+        help="address to accept migrations on (port 0 picks a free one)")
+    d.add_argument("--state-dir", default=_env("state_dir", "./bitmig-state"),
+                   help="directory for stored bitmaps (created if missing)")
+    d.add_argument("--memory-budget", type=_size, default=_size(str(_env(
+        "memory_budget", defaults.MEMORY_BUDGET))),
+        help="bytes of bitmaps rebuilt at once; a start beyond it is refused with 'limit'")
+    d.add_argument("--insecure", action="store_true",
+                   default=bool(_env("insecure", "")),
+                   help="allow listening on a non-loopback address without TLS")
+    _add_common(d, "dest")
+    _add_migration_opts(d)
+
+    s = sub.add_parser("source", formatter_class=_Formatter,
+                       help="source daemon: own bitmaps, accept writes, migrate them",
+                       description="Own bitmaps (created here or via the control socket), apply "
+                       "set/reset\nwhile running, and migrate them live to a destination.")
+    s.add_argument("--create", action="append", default=[], metavar="NODE/NAME",
+                   help="create a bitmap at start (repeatable); geometry from the options below")
+    s.add_argument("--disk-size", type=_size, default=_size(str(_env("disk_size", "16T"))),
+                   help="disk size of bitmaps made by --create")
+    s.add_argument("--granularity", type=_size, default=_size(str(_env(
+        "granularity", defaults.GRANULARITY))), help="bytes of disk per bit")
+    s.add_argument("--chunk-size", type=_size, default=_size(str(_env(
+        "chunk_size", defaults.CHUNK_SIZE))), help="serialized bytes per meta bit")
+    s.add_argument("--fill", type=float, default=float(_env("fill", 0.0)),
+                   help="fraction of clusters set at random in bitmaps made by --create")
+    s.add_argument("--workload-rate", type=float, default=float(_env("workload_rate", 0)),
+                   help="random cluster writes per second applied while running")
+    s.add_argument("--migrate-to", type=_hostport, default=None, metavar="HOST:PORT",
+                   help="migrate every owned bitmap there at start, print the result as JSON "
+                   "and exit 0 when all were acknowledged (1 otherwise)")
+    s.add_argument("--retries", type=int, default=int(_env("retries", defaults.RETRIES)),
+                   help="attempts for --migrate-to before giving up")
+    s.add_argument("--retry-delay", type=float, default=float(_env("retry_delay",
+                   defaults.RETRY_DELAY)), help="seconds before the first retry; doubles")
+    _add_common(s, "source")
+    _add_migration_opts(s)
+
+    m = sub.add_parser("demo", formatter_class=_Formatter,
+                       help="live migration on loopback with a built-in workload",
+                       description="Start a destination (a separate process) and a source on "
+                       "loopback, create\na bitmap, dirty part of it, migrate it while a "
+                       "workload writes, and\nprint a summary. Exit status 0 when verified.")
+    m.add_argument("--disk-size", type=_size, default=defaults.DEMO_DISK_SIZE)
+    m.add_argument("--granularity", type=_size, default=defaults.GRANULARITY)
+    m.add_argument("--chunk-size", type=_size, default=defaults.CHUNK_SIZE)
+    m.add_argument("--dirty", type=float, default=defaults.DEMO_DIRTY,
+                   help="fraction of clusters set before the migration")
+    m.add_argument("--write-rate", type=float, default=defaults.DEMO_WRITE_RATE,
+                   help="random cluster writes per second during the migration")
+    m.add_argument("--bitmaps", type=int, default=1, help="number of bitmaps to migrate")
+    m.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    m.add_argument("--trace", default=None, metavar="PATH",
+                   help="source trace file; the destination's goes to PATH.dest")
+    m.add_argument("--downtime-ms", type=float, default=defaults.DOWNTIME_MS)
+    m.add_argument("--max-passes", type=int, default=defaults.MAX_PASSES)
+    m.add_argument("--small-threshold", type=_size, default=defaults.SMALL_THRESHOLD)
+    m.add_argument("--seed", type=int, default=1)
+
+    i = sub.add_parser("info", formatter_class=_Formatter,
+                       help="sizes of a bitmap: serialized bytes, chunks, area per meta bit")
+    i.add_argument("--disk-size", type=_size, required=True)
+    i.add_argument("--granularity", type=_size, default=defaults.GRANULARITY)
+    i.add_argument("--chunk-size", type=_size, default=defaults.CHUNK_SIZE,
+                   help="any power of two here; migration needs at least 8")
+    i.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("ctl", formatter_class=_Formatter,
+                       help="send one command to a daemon's control socket",
+                       description="Examples:\n  bitmig ctl SOCK list\n  bitmig ctl SOCK add "
+                       "node=drive0 name=b0 disk_size=1T\n  bitmig ctl SOCK set node=drive0 "
+                       "name=b0 offset=0 length=64K\n  bitmig ctl SOCK migrate host=10.0.0.2 "
+                       "port=7800\nValues are parsed as JSON when they can be, else kept as "
+                       "strings.")
+    c.add_argument("socket")
+    c.add_argument("cmd")
+    c.add_argument("args", nargs="*", metavar="KEY=VALUE")
+
+    from bitmig.tracetools import add_trace_parser
+    add_trace_parser(sub, _Formatter)
+    from bitmig.bench import add_bench_parser
+    add_bench_parser(sub, _Formatter)
+    return p
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from bitmig.protocol import spec
+
+    if a.granularity < 1 or a.granularity & (a.granularity - 1):
+        print("bitmig info: granularity must be a power of two", file=sys.stderr)
+        return 2
+    if a.chunk_size < 1 or a.chunk_size & (a.chunk_size - 1):
+        print("bitmig info: chunk size must be a power of two", file=sys.stderr)
+        return 2
+    nbits = -(-a.disk_size // a.granularity)
+    size = -(-nbits // 64) * 8
+    out = {
+        "disk_size": a.disk_size, "granularity": a.granularity, "chunk_size": a.chunk_size,
+        "bits": nbits, "serialized_bytes": size, "chunks": -(-size // a.chunk_size),
+        "meta_bit_covers_bytes": a.chunk_size * 8 * a.granularity,
+        "small": size <= defaults.SMALL_THRESHOLD,
+        "migratable": a.chunk_size >= spec.MIN_CHUNK_SIZE and size <= spec.MAX_BITMAP_BYTES
+        and a.granularity >= spec.MIN_GRANULARITY,
+    }
+    if a.json:
+        print(json.dumps(out))
+        return 0
+    print(f"disk {format_size(a.disk_size)} at {format_size(a.granularity)} granularity: "
+          f"{nbits} bits")
+    print(f"serialized bitmap: {format_size(size)} ({size} bytes)"
+          + ("  [small: sent whole at completion]" if out["small"] else ""))
+    print(f"chunks of {format_size(a.chunk_size)}: {out['chunks']}")
+    print(f"one meta bit covers: {format_size(out['meta_bit_covers_bytes'])} of disk")
+    if not out["migratable"]:
+        print("note: this geometry cannot be migrated (chunk size < 8 B, granularity < 512 B, "
+              "or bitmap over the size limit)")
+    return 0
+
+
+def cmd_ctl(a: argparse.Namespace) -> int:
+    from bitmig.control import call
+    from bitmig.registry import RegistryError
+
+    args: dict[str, Any] = {}
+    for kv in a.args:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            print(f"bitmig ctl: expected KEY=VALUE, got {kv!r}", file=sys.stderr)
+            return 2
+        try:
+            args[k] = json.loads(v)
+        except json.JSONDecodeError:
+            args[k] = v
+    try:
+        print(json.dumps(call(a.socket, a.cmd, **args), indent=2))
+    except RegistryError as e:
+        print(f"bitmig ctl: {e.code}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"bitmig ctl: cannot reach {a.socket}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
+    return None, None
+
+
+async def _run_dest(a: argparse.Namespace) -> int:
+    from bitmig.daemon import Daemon, is_loopback
+    from bitmig.store import StoreError
+
+    host, port = a.listen
+    server_ssl, _ = _tls(a)
+    if not is_loopback(host) and server_ssl is None and not a.insecure:
+        print(f"bitmig dest: refusing to listen on {host} without TLS; pass --insecure to "
+              "allow plain TCP on a non-loopback address", file=sys.stderr)
+        return 2
+    try:
+        daemon = Daemon("destination", a.state_dir, a.trace, _options(a), a.memory_budget,
+                        a.io_timeout, a.connect_timeout, server_ssl=server_ssl)
+    except StoreError as e:
+        print(f"bitmig dest: {e}", file=sys.stderr)
+        return 2
+    h, p = await daemon.listen(host, port)
+    await daemon.control(a.control)
+    print(f"listening on {h}:{p} control {a.control} state {a.state_dir}", flush=True)
+    _stop_on_signals(daemon)
+    await daemon.serve_forever()
+    await daemon.close()
+    return 0
+
+
+def _stop_on_signals(daemon: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, daemon.stop)
+
+
+async def _run_source(a: argparse.Namespace) -> int:
+    from bitmig.daemon import Daemon
+    from bitmig.registry import RegistryError
+    from bitmig.workload import Workload
+
+    _, client_ssl = _tls(a)
+    daemon = Daemon("source", None, a.trace, _options(a), io_timeout=a.io_timeout,
+                    connect_timeout=a.connect_timeout, client_ssl=client_ssl)
+    for spec_ in a.create:
+        node, sep, name = spec_.partition("/")
+        if not sep:
+            print(f"bitmig source: --create wants NODE/NAME, got {spec_!r}", file=sys.stderr)
+            return 2
+        try:
+            e = daemon.registry.add(node, name, a.disk_size, a.granularity, a.chunk_size)
+        except RegistryError as err:
+            print(f"bitmig source: {err}", file=sys.stderr)
+            return 2
+        if a.fill:
+            import numpy as np
+
+            rng = np.random.default_rng(len(daemon.registry.entries))
+            e.bitmap.set_many(rng.integers(0, e.bitmap.nbits, int(e.bitmap.nbits * a.fill)))
+    await daemon.control(a.control)
+    print(f"control {a.control}", flush=True)
+    workload = None
+    if a.workload_rate > 0:
+        workload = Workload(list(daemon.registry.entries.values()), a.workload_rate,
+                            reset_fraction=0.05)
+        workload.start()
+    _stop_on_signals(daemon)
+    rc = 0
+    if a.migrate_to:
+        rc = await _migrate_with_retries(daemon, a)
+    else:
+        await daemon.serve_forever()
+    if workload:
+        await workload.stop()
+    await daemon.close()
+    return rc
+
+
+async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:
+    host, port = a.migrate_to
+    delay = a.retry_delay
+    result = None
+    for attempt in range(1, max(1, a.retries) + 1):
+        keys = [(e.node, e.name) for e in daemon.registry.owned()]
+        if not keys:
+            break
+        result = await daemon.migrate(host, port, keys,
+                                      progress=_progress_printer(sys.stderr))
+        print(json.dumps({"attempt": attempt, **result.to_dict()}), flush=True)
+        if result.ok:
+            return 0
+        if attempt < a.retries:
+            print(f"bitmig source: attempt {attempt} failed ({result.error}); retrying in "
+                  f"{delay:g}s", file=sys.stderr)
+            await asyncio.sleep(delay)
+            delay *= 2
+    return 1
+
+
+def _progress_printer(stream: Any, every: float = 0.5) -> Any:
+    import time
+
+    last = [0.0]
+
+    def show(p: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - last[0] < every and p["phase"] not in ("completion", "done"):
+            return
+        last[0] = now
+        rate = p["bytes_sent"] / p["elapsed_s"] if p["elapsed_s"] > 0 else 0
+        print(f"  {p['elapsed_s']:7.2f}s  phase {p['phase']:<10} pass {p['pass']:>2}  "
+              f"sent {format_size(p['bytes_sent']):>10}  pending "
+              f"{format_size(p['pending_bytes']):>10}  {format_size(rate)}/s",
+              file=stream, flush=True)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(getattr(a, "log_level", "info")).upper()),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if a.command == "info":
+            return cmd_info(a)
+        if a.command == "ctl":
+            return cmd_ctl(a)
+        if a.command == "dest":
+            return asyncio.run(_run_dest(a))
+        if a.command == "source":
+            return asyncio.run(_run_source(a))
+        if a.command == "demo":
+            from bitmig.demo import run_demo
+            return run_demo(a)
+        return a.func(a)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,234 @@
+"""The control interface: JSON lines over a Unix socket that only its owner may use.
+
+Each request is one JSON object with a "cmd" key; each answer is one JSON object,
+{"ok": true, "result": ...} or {"ok": false, "code": "...", "error": "..."}.
+Commands are listed in COMMANDS and documented in docs/control.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bitmig import __version__
+from bitmig.migration import MigrationOptions
+from bitmig.registry import RegistryError
+from bitmig.units import parse_size
+
+if TYPE_CHECKING:
+    from bitmig.daemon import Daemon
+
+MAX_REQUEST = 1 << 20
+
+Handler = Callable[["Daemon", dict[str, Any]], Awaitable[Any]]
+COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def _arg(req: dict[str, Any], key: str, typ: type, default: Any = ...) -> Any:
+    if key not in req:
+        if default is ...:
+            raise RegistryError("bad_request", f"missing argument {key!r}")
+        return default
+    v = req[key]
+    if typ is int and isinstance(v, str):
+        try:
+            return parse_size(v)
+        except ValueError as e:
+            raise RegistryError("bad_request", f"{key}: {e}") from None
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise RegistryError("bad_request", f"argument {key!r} must be {typ.__name__}")
+    return v
+
+
+def _key(req: dict[str, Any]) -> tuple[str, str]:
+    return _arg(req, "node", str), _arg(req, "name", str)
+
+
+@command("ping")
+async def _ping(d: Daemon, req: dict[str, Any]) -> Any:
+    return {"side": d.side, "version": __version__, "pid": os.getpid()}
+
+
+@command("list")
+async def _list(d: Daemon, req: dict[str, Any]) -> Any:
+    return [e.describe() for e in d.registry.entries.values()]
+
+
+@command("query")
+async def _query(d: Daemon, req: dict[str, Any]) -> Any:
+    from bitmig.digest import tree_digest
+
+    e = d.registry.get(*_key(req))
+    out = e.describe()
+    words = e.bitmap.words
+    out["sha256"] = (await asyncio.to_thread(e.bitmap.sha256)).hex()
+    out["tree_digest"] = (await asyncio.to_thread(tree_digest, words.data)).hex()
+    return out
+
+
+@command("add")
+async def _add(d: Daemon, req: dict[str, Any]) -> Any:
+    node, name = _key(req)
+    e = d.registry.add(
+        node, name, _arg(req, "disk_size", int),
+        _arg(req, "granularity", int, 65536), _arg(req, "chunk_size", int, 1024),
+        _arg(req, "enabled", bool, True), _arg(req, "persistent", bool, False))
+    fill = float(_arg(req, "fill", (int, float), 0))
+    if fill:
+        rng = np.random.default_rng(_arg(req, "seed", int, 0))
+        bits = rng.choice(e.bitmap.nbits, int(e.bitmap.nbits * fill), replace=False)
+        e.bitmap.set_many(bits)
+    return e.describe()
+
+
+@command("remove")
+async def _remove(d: Daemon, req: dict[str, Any]) -> Any:
+    return d.registry.remove(*_key(req)).describe()
+
+
+@command("set")
+async def _set(d: Daemon, req: dict[str, Any]) -> Any:
+    n, b = _key(req)
+    return {"changed": await d.registry.mutate(n, b, "set", _arg(req, "offset", int),
+                                               _arg(req, "length", int))}
+
+
+@command("reset")
+async def _reset(d: Daemon, req: dict[str, Any]) -> Any:
+    n, b = _key(req)
+    return {"changed": await d.registry.mutate(n, b, "reset", _arg(req, "offset", int),
+                                               _arg(req, "length", int))}
+
+
+@command("clear")
+async def _clear(d: Daemon, req: dict[str, Any]) -> Any:
+    n, b = _key(req)
+    e = d.registry.get(n, b)
+    return {"changed": await d.registry.mutate(n, b, "reset", 0, e.bitmap.disk_size)}
+
+
+@command("migrate")
+async def _migrate(d: Daemon, req: dict[str, Any]) -> Any:
+    host = _arg(req, "host", str)
+    port = _arg(req, "port", int)
+    keys = req.get("bitmaps")
+    if keys is not None:
+        keys = [(str(k[0]), str(k[1])) for k in keys]
+    o = d.options
+    opts = MigrationOptions(
+        downtime_ms=float(_arg(req, "downtime_ms", (int, float), o.downtime_ms)),
+        max_passes=_arg(req, "max_passes", int, o.max_passes),
+        small_threshold=_arg(req, "small_threshold", int, o.small_threshold),
+        frame_payload=o.frame_payload, connect_timeout=o.connect_timeout,
+        io_timeout=o.io_timeout, ack_timeout=o.ack_timeout)
+    result = await d.migrate(host, port, keys, options=opts)
+    return result.to_dict()
+
+
+@command("status")
+async def _status(d: Daemon, req: dict[str, Any]) -> Any:
+    m = d.active_migration
+    return {
+        "side": d.side,
+        "migrating": None if m is None else {"phase": m.phase, "pass": m.pass_no,
+                                             "destination": m.result.destination},
+        "last": d.migrations[-1].to_dict() if d.migrations else None,
+        "errors": dict(d.errors),
+        "memory_budget_used": d.budget_used,
+        "bitmaps": len(d.registry.entries),
+    }
+
+
+@command("shutdown")
+async def _shutdown(d: Daemon, req: dict[str, Any]) -> Any:
+    asyncio.get_running_loop().call_soon(d.stop)
+    return {"stopping": True}
+
+
+async def handle_request(d: Daemon, line: bytes) -> dict[str, Any]:
+    try:
+        req = json.loads(line)
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+            raise RegistryError("bad_request", 'a request is a JSON object with a "cmd" string')
+        fn = COMMANDS.get(req["cmd"])
+        if fn is None:
+            raise RegistryError("bad_request", f"unknown command {req['cmd']!r}; commands: "
+                                               f"{', '.join(sorted(COMMANDS))}")
+        return {"ok": True, "result": await fn(d, req)}
+    except RegistryError as e:
+        return {"ok": False, "code": e.code, "error": str(e)}
+    except (ValueError, TypeError) as e:
+        return {"ok": False, "code": "bad_request", "error": str(e)}
+
+
+async def serve_control(d: Daemon, path: str) -> asyncio.AbstractServer:
+    """Listen on a Unix socket with mode 0600: only the daemon's user may connect."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_socket():
+        p.unlink()
+
+    async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while line := await r.readline():
+                w.write(json.dumps(await handle_request(d, line)).encode() + b"\n")
+                await w.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the daemon is shutting down; the client sees the socket close
+        finally:
+            w.close()
+
+    old = os.umask(0o177)  # the socket is created 0600, never briefly wider
+    try:
+        server = await asyncio.start_unix_server(client, path, limit=MAX_REQUEST)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server
+
+
+def call(path: str, cmd: str, timeout: float | None = 600, **args: Any) -> Any:
+    """One blocking request; returns the result or raises RegistryError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("control socket closed before answering")
+            buf += chunk
+    resp = json.loads(buf)
+    if not resp.get("ok"):
+        raise RegistryError(resp.get("code", "error"), resp.get("error", "unknown error"))
+    return resp["result"]
+
+
+async def acall(path: str, cmd: str, **args: Any) -> Any:
+    r, w = await asyncio.open_unix_connection(path, limit=MAX_REQUEST)
+    try:
+        w.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        await w.drain()
+        resp = json.loads(await r.readline())
+    finally:
+        w.close()
+    if not resp.get("ok"):
+        raise RegistryError(resp.get("code", "error"), resp.get("error", "unknown error"))
+    return resp["result"]

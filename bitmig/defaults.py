@@ -1,0 +1,25 @@
+"""Operational defaults of the daemons and tools, in one place.
+
+Protocol facts (frame kinds, limits, error codes) live in bitmig.protocol.spec.
+"""
+
+from bitmig.protocol.spec import KiB, MiB
+
+PORT = 7800  # destination's TCP port
+LISTEN_HOST = "127.0.0.1"  # loopback unless told otherwise
+GRANULARITY = 64 * KiB  # bytes of disk per bitmap bit (QEMU's default)
+CHUNK_SIZE = 1 * KiB  # serialized bytes per meta bit (the seed's agreed default)
+FRAME_PAYLOAD = 1 * MiB  # serialized bytes the source packs into one bits frame at most
+SMALL_THRESHOLD = 1 * MiB  # bitmaps this small skip the live phase and are sent whole
+DOWNTIME_MS = 50.0  # target for the frozen completion window
+MAX_PASSES = 30  # dirty passes before completion is forced
+MIN_ZERO_RUN = 16  # zero chunks in a row that earn their own zeroes frame in a compact frame
+CONNECT_TIMEOUT = 10.0  # seconds to establish a connection and exchange hello
+IO_TIMEOUT = 30.0  # seconds any single wait for the peer may take
+ACK_TIMEOUT = 120.0  # seconds the source waits for the acks after complete
+RETRIES = 3  # migration attempts by the source CLI before it gives up
+RETRY_DELAY = 1.0  # seconds before the first retry; doubles each time
+MEMORY_BUDGET = 8 * (1 << 30)  # bytes of bitmaps a destination rebuilds at once
+DEMO_DISK_SIZE = 16 * (1 << 40)  # 16 TiB -> 32 MiB bitmap
+DEMO_DIRTY = 0.10  # fraction of clusters set before the migration
+DEMO_WRITE_RATE = 10_000  # random cluster writes per second during the migration

@@ -1,0 +1,320 @@
+"""The source side of a migration: bulk pass, dirty passes, frozen completion, handoff."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_mod
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bitmig import __version__, defaults
+from bitmig.channel import Channel, Timeout
+from bitmig.digest import DigestCache
+from bitmig.planner import Planner
+from bitmig.protocol import spec
+from bitmig.protocol.errors import PeerError, ProtocolError
+from bitmig.protocol.events import Ack, Complete, End, Error, Hello, Ready, Start
+from bitmig.protocol.spec import ErrorCode
+from bitmig.protocol.state import Role
+from bitmig.registry import Entry, Ownership, Registry
+from bitmig.trace import Trace
+
+WRITE_BUFFER_HIGH = 4 << 20  # bytes queued in the transport before the sender waits
+
+
+@dataclass
+class MigrationOptions:
+    downtime_ms: float = defaults.DOWNTIME_MS
+    max_passes: int = defaults.MAX_PASSES
+    small_threshold: int = defaults.SMALL_THRESHOLD
+    frame_payload: int = defaults.FRAME_PAYLOAD
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    io_timeout: float = defaults.IO_TIMEOUT
+    ack_timeout: float = defaults.ACK_TIMEOUT
+
+
+@dataclass
+class BitmapOutcome:
+    node: str
+    name: str
+    ok: bool
+    live: bool
+    error: str | None = None
+    count: int = 0
+    digest: str = ""  # tree digest sent in complete (hex)
+    sha256: str = ""  # QEMU-compatible flat sha256 of the handed-off bitmap (hex)
+    serialized_size: int = 0
+
+
+@dataclass
+class MigrationResult:
+    ok: bool
+    destination: str
+    bitmaps: list[BitmapOutcome] = field(default_factory=list)
+    passes: int = 0
+    forced: bool = False  # completion forced by max_passes
+    bytes_sent: int = 0
+    bytes_live: int = 0  # bytes sent before the freeze
+    frames: dict[str, int] = field(default_factory=dict)
+    zero_runs: int = 0
+    chunks_sent: int = 0
+    downtime_ms: float = 0.0
+    duration_s: float = 0.0
+    bitmap_bytes: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class _Item:
+    """One bitmap in a migration."""
+
+    def __init__(self, entry: Entry, bid: int, opts: MigrationOptions) -> None:
+        self.entry = entry
+        self.id = bid
+        self.planner = Planner(entry.bitmap, bid, opts.frame_payload)
+        self.live = entry.bitmap.serialized_size > opts.small_threshold
+        self.digests = DigestCache(entry.bitmap)
+        self.outcome = BitmapOutcome(entry.node, entry.name, False, self.live,
+                                     serialized_size=entry.bitmap.serialized_size)
+        self.active = True
+
+
+class Migration:
+    """Migrates a set of bitmaps over one connection. One-shot: create one per attempt."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        entries: list[Entry],
+        host: str,
+        port: int,
+        opts: MigrationOptions | None = None,
+        trace: Trace | None = None,
+        progress: Progress | None = None,
+        ssl: ssl_mod.SSLContext | None = None,
+    ) -> None:
+        self.registry = registry
+        self.opts = opts or MigrationOptions()
+        self.host, self.port = host, port
+        self.trace = trace or Trace(None, "source")
+        self.progress = progress
+        self.ssl = ssl
+        self.items = [_Item(e, i, self.opts) for i, e in enumerate(entries)]
+        self.result = MigrationResult(False, f"{host}:{port}",
+                                      bitmap_bytes=sum(e.bitmap.serialized_size for e in entries))
+        self.frames: Counter[str] = Counter()
+        self.phase = "setup"
+        self.pass_no = 0
+        self._t0 = 0.0
+        self._live_t0 = 0.0
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _set_phase(self, phase: str, **extra: Any) -> None:
+        self.phase = phase
+        self.trace.event("phase", phase=phase, **extra)
+        self._report()
+
+    def _report(self, **extra: Any) -> None:
+        if self.progress is None:
+            return
+        self.progress({
+            "phase": self.phase, "pass": self.pass_no,
+            "bytes_sent": self.ch.conn.bytes_sent if hasattr(self, "ch") else 0,
+            "pending_bytes": self._pending(),
+            "elapsed_s": time.monotonic() - self._t0, **extra,
+        })
+
+    def _pending(self) -> int:
+        return sum(it.planner.pending_bytes() for it in self.items if it.active and it.live)
+
+    def _write(self, frames: list[Any]) -> None:
+        for f in frames:
+            self.ch.write(f)
+            kind = f.KIND.name.lower()
+            self.frames[kind] += 1
+            self.result.chunks_sent += f.count
+            if kind == "zeroes":
+                self.result.zero_runs += 1
+
+    async def _drain_if_needed(self) -> None:
+        if self.ch.writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await self.ch.drain("the destination to take more data")
+
+    def _bandwidth(self) -> float:
+        """Bytes per second sent during the live phase so far."""
+        dt = time.monotonic() - self._live_t0
+        return self.ch.conn.bytes_sent / dt if dt > 0 else float("inf")
+
+    # -- the phases ---------------------------------------------------------------------
+
+    async def run(self) -> MigrationResult:
+        self._t0 = time.monotonic()
+        for it in self.items:
+            if it.entry.state is not Ownership.OWNED:
+                raise ValueError(f"bitmap {it.entry.key} is {it.entry.state.value}, not owned")
+        for it in self.items:
+            it.entry.state = Ownership.MIGRATING
+        self.trace.event("migration", destination=self.result.destination,
+                         bitmaps=[it.entry.key for it in self.items])
+        try:
+            await self._connect()
+            await self._setup()
+            await self._live()
+            await self._complete()
+            await self.ch.send(End())
+            await self.ch.recv("the destination's end")
+            self.result.ok = all(it.outcome.ok for it in self.items)
+        except (OSError, ProtocolError, PeerError, Timeout, ValueError) as e:
+            self.result.error = f"{type(e).__name__}: {e}"
+            if isinstance(e, ProtocolError) and hasattr(self, "ch"):
+                await self.ch.fail(e)
+        finally:
+            for it in self.items:  # whatever was not acknowledged stays ours, intact
+                if it.entry.state is not Ownership.HANDED_OFF:
+                    self.registry.thaw(it.entry, None)
+                    if it.outcome.error is None and not it.outcome.ok:
+                        it.outcome.error = self.result.error or "not acknowledged"
+            if hasattr(self, "ch"):
+                await self.ch.close()
+                self.result.bytes_sent = self.ch.conn.bytes_sent
+            self.result.bitmaps = [it.outcome for it in self.items]
+            self.result.frames = dict(self.frames)
+            self.result.passes = self.pass_no
+            self.result.duration_s = time.monotonic() - self._t0
+            self.trace.event("outcome", ok=self.result.ok, error=self.result.error,
+                             downtime_ms=self.result.downtime_ms,
+                             bytes_sent=self.result.bytes_sent, passes=self.pass_no,
+                             bitmaps=[asdict(b) for b in self.result.bitmaps])
+            self.trace.flush()
+        return self.result
+
+    async def _connect(self) -> None:
+        o = self.opts
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, ssl=self.ssl,
+                                        limit=1 << 20), o.connect_timeout)
+        except TimeoutError:
+            raise Timeout(f"timed out after {o.connect_timeout:g}s connecting to "
+                          f"{self.host}:{self.port}") from None
+        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.ch = Channel(reader, writer, Role.SOURCE, self.trace, o.io_timeout)
+        await self.ch.send(Hello(spec.PROTOCOL_VERSION, spec.MIN_PROTOCOL_VERSION,
+                                 spec.ROLE_SOURCE, spec.CAPABILITIES, f"bitmig/{__version__}"))
+        await self.ch.recv("the destination's hello", o.connect_timeout)
+
+    async def _setup(self) -> None:
+        for it in self.items:
+            e, bm = it.entry, it.entry.bitmap
+            self.ch.write(Start(it.id, e.node, e.name, bm.disk_size, bm.granularity,
+                                bm.chunk_size, e.enabled, e.persistent, it.live))
+        await self.ch.drain()
+        waiting = {it.id: it for it in self.items}
+        while waiting:
+            try:
+                ev = await self.ch.recv("ready for the started bitmaps")
+            except PeerError as e:
+                if e.bitmap_id not in waiting:
+                    raise
+                self._fail_item(waiting.pop(e.bitmap_id), f"{e.code}: {e.message}")
+                continue
+            if type(ev) is Ready and ev.id in waiting:
+                waiting.pop(ev.id)
+        if not any(it.active for it in self.items):
+            raise ValueError("the destination refused every bitmap")
+
+    def _fail_item(self, it: _Item, why: str) -> None:
+        it.active = False
+        it.outcome.error = why
+        self.registry.thaw(it.entry, None)
+        self.trace.event("bitmap_failed", bitmap=it.entry.key, error=why)
+
+    async def _live(self) -> None:
+        live = [it for it in self.items if it.active and it.live]
+        self._live_t0 = time.monotonic()
+        if not live:
+            return
+        self._set_phase("bulk")
+        for it in live:
+            for frames in it.planner.bulk():
+                self._write(frames)
+                await self._drain_if_needed()
+                self._report()
+        await self.ch.drain()
+        await asyncio.gather(*(asyncio.to_thread(it.digests.refresh) for it in live))
+        self._set_phase("dirty")
+        target = self.opts.downtime_ms / 1000
+        small = sum(it.entry.bitmap.serialized_size for it in self.items
+                    if it.active and not it.live)
+        while True:
+            pending = self._pending() + small
+            bw = self._bandwidth()
+            if pending / bw <= target:
+                break
+            if self.pass_no >= self.opts.max_passes:
+                self.result.forced = True
+                self.trace.event("forced", passes=self.pass_no, pending_bytes=pending)
+                break
+            self.pass_no += 1
+            plan = [(it, it.planner.dirty_runs()) for it in live]
+            self.trace.event("pass", n=self.pass_no, pending_bytes=pending,
+                             chunks=sum(len(r) for _, r in plan), bandwidth=bw)
+            for it, runs in plan:
+                for first, count in runs:
+                    self._write(it.planner.take(first, count))
+                    await self._drain_if_needed()
+            await self.ch.drain()
+            # Keep leaf hashes fresh so the frozen window rehashes only the last changes.
+            await asyncio.gather(*(asyncio.to_thread(it.digests.refresh) for it in live))
+            self._report()
+
+    async def _complete(self) -> None:
+        active = [it for it in self.items if it.active]
+        self.result.bytes_live = self.ch.conn.bytes_sent
+        t0 = time.monotonic()
+        self.registry.freeze([it.entry for it in active])
+        self._set_phase("completion", pending_bytes=self._pending())
+        for it in active:
+            frames = it.planner.take_dirty() if it.live else it.planner.take_all()
+            self._write(frames)
+            bm = it.entry.bitmap
+            digest = it.digests.digest()
+            it.outcome.count = bm.count()
+            it.outcome.digest = digest.hex()
+            self.ch.write(Complete(it.id, digest, bm.count()))
+        await self.ch.drain("the destination to take the final chunks")
+        waiting = {it.id: it for it in active}
+        handed = []
+        while waiting:
+            try:
+                ev = await self.ch.recv("acknowledgements", self.opts.ack_timeout)
+            except PeerError as e:
+                if e.bitmap_id not in waiting:
+                    raise
+                self._fail_item(waiting.pop(e.bitmap_id), f"{e.code}: {e.message}")
+                continue
+            if type(ev) is Ack and ev.id in waiting:
+                it = waiting.pop(ev.id)
+                if ev.digest.hex() != it.outcome.digest:
+                    self.ch.write(Error(ErrorCode.DIGEST_MISMATCH,
+                                        "ack digest differs from the one sent", it.id))
+                    self._fail_item(it, "destination acknowledged a different digest")
+                    continue
+                # The acknowledgement is the handoff: from here the destination owns it.
+                self.registry.thaw(it.entry, self.result.destination)
+                it.outcome.ok = True
+                handed.append(it)
+                self.trace.event("handoff", bitmap=it.entry.key, owner=self.result.destination)
+        self.result.downtime_ms = (time.monotonic() - t0) * 1000
+        self._set_phase("done", downtime_ms=self.result.downtime_ms)
+        for it in handed:  # outside the frozen window: the bitmap no longer changes here
+            it.outcome.sha256 = (await asyncio.to_thread(it.entry.bitmap.sha256)).hex()

@@ -1,0 +1,276 @@
+"""One end of a bitmig connection, sans-IO: bytes in, events out; events in, bytes out.
+
+The Connection frames and validates everything that crosses it and enforces the
+state tables of bitmig.protocol.state for both directions. It never touches a socket,
+a clock or a bitmap; the daemons are thin adapters that move its bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bitmig.protocol import spec
+from bitmig.protocol.codec import decode_body, encode
+from bitmig.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from bitmig.protocol.events import Bits, Error, Event, Hello, Start, Zeroes
+from bitmig.protocol.spec import Encoding, ErrorCode, Kind
+from bitmig.protocol.state import (
+    BITMAP,
+    CONNECTION,
+    OPEN_BITMAP_STATES,
+    BitmapState,
+    ConnState,
+    Role,
+)
+
+# Called for every frame that crosses: (direction "send"/"recv", event, frame bytes).
+FrameObserver = Callable[[str, Event, int], None]
+
+
+@dataclass(slots=True)
+class BitmapGeometry:
+    """What a start frame declared, as far as validation of later frames needs it."""
+
+    start: Start
+    serialized_size: int
+    nchunks: int
+    state: BitmapState = BitmapState.STARTED
+
+
+def geometry_of(start: Start) -> BitmapGeometry:
+    """Check a start frame's geometry against the limits; raise bad_field/limit."""
+    nbits = -(-start.disk_size // start.granularity)
+    size = -(-nbits // 64) * 8
+    if size > spec.MAX_BITMAP_BYTES:
+        raise RemoteProtocolError(
+            ErrorCode.LIMIT,
+            f"bitmap {start.node}/{start.name} would be {size} bytes, limit is "
+            f"{spec.MAX_BITMAP_BYTES}",
+            start.id,
+        )
+    return BitmapGeometry(start, size, -(-size // start.chunk_size))
+
+
+class Connection:
+    """The protocol state of one connection, seen from `role`."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame: int = spec.MAX_FRAME_BYTES,
+        observer: FrameObserver | None = None,
+    ) -> None:
+        self.role = role
+        self.state = ConnState.IDLE
+        self.version: int | None = None
+        self.peer_hello: Hello | None = None
+        self.bitmaps: dict[int, BitmapGeometry] = {}
+        self.max_frame = max_frame
+        self.observer = observer
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._buf = bytearray()
+        self._pos = 0  # start of unparsed bytes in _buf
+
+    # -- receiving --------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the peer; return the events of every complete frame.
+
+        Raises RemoteProtocolError on the first violation; the connection is then FAILED
+        and the caller should send `error_frame(exc)` and close.
+        """
+        if self.state is ConnState.FAILED:
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED, "data after the connection failed")
+        self._buf += data
+        events: list[Event] = []
+        buf = self._buf
+        prefix = spec.LENGTH_PREFIX.size
+        try:
+            while len(buf) - self._pos >= prefix:
+                (n,) = spec.LENGTH_PREFIX.unpack_from(buf, self._pos)
+                if n == 0 or n > self.max_frame:
+                    raise RemoteProtocolError(
+                        ErrorCode.FRAME_TOO_LARGE,
+                        f"frame length {n} outside [1, {self.max_frame}]",
+                    )
+                end = self._pos + prefix + n
+                if len(buf) < end:
+                    break
+                with memoryview(buf) as mv:
+                    event = decode_body(mv[self._pos + prefix : end])
+                self._pos = end
+                self._check(event, self.role.peer, RemoteProtocolError)
+                self.bytes_received += prefix + n
+                if self.observer:
+                    self.observer("recv", event, prefix + n)
+                events.append(event)
+        except ProtocolError:
+            self.state = ConnState.FAILED
+            raise
+        finally:
+            # Drop consumed bytes once they dominate, so the buffer stays bounded.
+            if self._pos and (self._pos == len(buf) or self._pos > (1 << 20)):
+                del buf[: self._pos]
+                self._pos = 0
+        return events
+
+    def receive_eof(self) -> None:
+        """The peer closed its side. Raises unless that was the protocol's end."""
+        if len(self._buf) > self._pos:
+            self.state = ConnState.FAILED
+            raise RemoteProtocolError(
+                ErrorCode.TRUNCATED,
+                f"stream ended inside a frame ({len(self._buf) - self._pos} bytes buffered)",
+            )
+        if self.state not in (ConnState.CLOSED, ConnState.FAILED):
+            self.state = ConnState.FAILED
+            raise RemoteProtocolError(
+                ErrorCode.CLOSED, f"peer closed the connection in state {self.state.value}"
+            )
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buf) - self._pos
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send(self, event: Event) -> list[bytes | memoryview]:
+        """Validate an event this side wants to send; return the frame's buffers."""
+        self._check(event, self.role, LocalProtocolError)
+        out = encode(event)
+        n = sum(memoryview(b).nbytes for b in out)
+        self.bytes_sent += n
+        if self.observer:
+            self.observer("send", event, n)
+        return out
+
+    def error_frame(self, exc: ProtocolError) -> list[bytes | memoryview]:
+        """The error frame that reports `exc` to the peer (fatal unless it names a bitmap)."""
+        bitmap_id = exc.bitmap_id if exc.code in spec.BITMAP_ERRORS else None
+        event = Error(str(exc.code), exc.message[: spec.MAX_MESSAGE_BYTES // 4], bitmap_id)
+        out = encode(event)
+        self.bytes_sent += sum(memoryview(b).nbytes for b in out)
+        if self.observer:
+            self.observer("send", event, sum(memoryview(b).nbytes for b in out))
+        if bitmap_id is None:
+            self.state = ConnState.FAILED
+        elif bitmap_id in self.bitmaps:
+            self.bitmaps[bitmap_id].state = BitmapState.FAILED
+        return out
+
+    # -- the state machine --------------------------------------------------------------
+
+    def _check(self, event: Event, sender: Role, err: type[ProtocolError]) -> None:
+        kind = event.KIND
+        if kind is Kind.ERROR:
+            self._on_error(event, sender, err)
+            return
+        key = (self.state, sender, kind)
+        if key not in CONNECTION:
+            raise err(
+                ErrorCode.UNEXPECTED,
+                f"{sender.value} may not send {kind.name.lower()} in state {self.state.value}",
+            )
+        if kind is Kind.HELLO:
+            self._on_hello(event, sender, err)
+        elif kind is Kind.END:
+            busy = [i for i, g in self.bitmaps.items() if g.state in OPEN_BITMAP_STATES]
+            if busy:
+                raise err(ErrorCode.UNEXPECTED, f"end while bitmaps {busy[:8]} are unfinished")
+        else:
+            self._on_bitmap_frame(event, sender, err)
+        self.state = CONNECTION[key]
+
+    def _on_hello(self, hello: Hello, sender: Role, err: type[ProtocolError]) -> None:
+        if hello.role != sender.value:
+            raise err(ErrorCode.BAD_FIELD, f"hello.role is {hello.role!r}, expected "
+                                           f"{sender.value!r}")
+        if hello.min_version > hello.version:
+            raise err(ErrorCode.BAD_FIELD, "hello.min_version exceeds hello.version")
+        if sender is self.role:
+            if sender is Role.DESTINATION:  # the answer names the version chosen
+                self.version = hello.version
+            return
+        self.peer_hello = hello
+        common = min(hello.version, spec.PROTOCOL_VERSION)
+        if common < max(hello.min_version, spec.MIN_PROTOCOL_VERSION):
+            raise err(
+                ErrorCode.VERSION,
+                f"peer speaks versions {hello.min_version}..{hello.version}, this side "
+                f"{spec.MIN_PROTOCOL_VERSION}..{spec.PROTOCOL_VERSION}",
+            )
+        if sender is Role.DESTINATION and hello.version > spec.PROTOCOL_VERSION:
+            raise err(ErrorCode.VERSION, f"destination chose version {hello.version}, "
+                                         f"this side speaks up to {spec.PROTOCOL_VERSION}")
+        self.version = common
+
+    def _on_error(self, error: Error, sender: Role, err: type[ProtocolError]) -> None:
+        if error.id is None:
+            self.state = ConnState.FAILED
+            return
+        if self.state is not ConnState.OPEN:
+            raise err(ErrorCode.UNEXPECTED, f"error for bitmap {error.id} in state "
+                                            f"{self.state.value}")
+        geo = self.bitmaps.get(error.id)
+        if geo is None:
+            raise err(ErrorCode.UNKNOWN_BITMAP, f"error names bitmap id {error.id}, never started",
+                      error.id)
+        if geo.state is not BitmapState.FAILED:  # both sides may fail the same bitmap
+            geo.state = BITMAP.get((geo.state, sender, Kind.ERROR), geo.state)
+
+    def _on_bitmap_frame(self, event: Event, sender: Role, err: type[ProtocolError]) -> None:
+        bid = event.id
+        kind = event.KIND
+        geo = self.bitmaps.get(bid)
+        if kind is Kind.START:
+            if geo is not None:
+                raise err(ErrorCode.DUPLICATE_ID, f"bitmap id {bid} was already started")
+            if len(self.bitmaps) >= spec.MAX_BITMAPS:
+                raise err(ErrorCode.LIMIT, f"more than {spec.MAX_BITMAPS} bitmaps on one "
+                                           "connection")
+            geo = geometry_of(event)  # may raise limit before anything is allocated
+            self.bitmaps[bid] = geo
+            return
+        if geo is None:
+            raise err(ErrorCode.UNKNOWN_BITMAP, f"{kind.name.lower()} names bitmap id {bid}, "
+                                                "never started")
+        if geo.state is BitmapState.FAILED:
+            return  # frames already in flight when the bitmap failed: dropped by the caller
+        nxt = BITMAP.get((geo.state, sender, kind))
+        if nxt is None:
+            raise err(
+                ErrorCode.UNEXPECTED,
+                f"{sender.value} may not send {kind.name.lower()} for bitmap {bid} in state "
+                f"{geo.state.value}",
+            )
+        if kind in (Kind.BITS, Kind.ZEROES):
+            self._check_range(event, geo, err)
+        geo.state = nxt
+
+    def _check_range(self, event: Bits | Zeroes, geo: BitmapGeometry,
+                     err: type[ProtocolError]) -> None:
+        first, count, cs = event.first, event.count, geo.start.chunk_size
+        if first >= geo.nchunks or count > geo.nchunks - first:
+            raise err(ErrorCode.CHUNK_RANGE, f"chunks [{first}, {first + count}) outside "
+                                             f"[0, {geo.nchunks}) of bitmap {event.id}")
+        if type(event) is not Bits:
+            return
+        raw = min((first + count) * cs, geo.serialized_size) - first * cs
+        if raw > spec.MAX_FRAME_PAYLOAD:
+            raise err(ErrorCode.CHUNK_RANGE, f"bits frame covers {raw} bytes, limit is "
+                                             f"{spec.MAX_FRAME_PAYLOAD}")
+        n = memoryview(event.data).nbytes
+        if event.enc == Encoding.RAW and n != raw:
+            raise err(ErrorCode.BAD_PAYLOAD, f"raw payload of {n} bytes for chunks "
+                                             f"[{first}, {first + count}) needs {raw}", event.id)
+        if n > raw:
+            raise err(ErrorCode.BAD_PAYLOAD, f"encoded payload of {n} bytes exceeds the "
+                                             f"{raw} raw bytes it stands for", event.id)
+
+    def bitmap_state(self, bitmap_id: int) -> BitmapState | None:
+        geo = self.bitmaps.get(bitmap_id)
+        return geo.state if geo else None

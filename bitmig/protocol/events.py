@@ -1,0 +1,91 @@
+"""One frozen dataclass per frame kind. Field names and order follow spec.FIELDS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from bitmig.protocol.spec import Kind
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    KIND: ClassVar[Kind] = Kind.HELLO
+    version: int
+    min_version: int
+    role: str
+    caps: tuple[str, ...] = ()
+    agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    KIND: ClassVar[Kind] = Kind.START
+    id: int
+    node: str
+    name: str
+    disk_size: int
+    granularity: int
+    chunk_size: int
+    enabled: bool = True
+    persistent: bool = False
+    live: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    KIND: ClassVar[Kind] = Kind.READY
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bits:
+    KIND: ClassVar[Kind] = Kind.BITS
+    id: int
+    first: int
+    count: int
+    enc: int
+    data: Any = field(repr=False)  # bytes-like: bytes, memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Zeroes:
+    KIND: ClassVar[Kind] = Kind.ZEROES
+    id: int
+    first: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    KIND: ClassVar[Kind] = Kind.COMPLETE
+    id: int
+    digest: bytes
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    KIND: ClassVar[Kind] = Kind.ACK
+    id: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    KIND: ClassVar[Kind] = Kind.ERROR
+    code: str
+    message: str
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    KIND: ClassVar[Kind] = Kind.END
+
+
+Event = Hello | Start | Ready | Bits | Zeroes | Complete | Ack | Error | End
+
+EVENT_TYPES: dict[Kind, type] = {
+    cls.KIND: cls for cls in (Hello, Start, Ready, Bits, Zeroes, Complete, Ack, Error, End)
+}

@@ -1,0 +1,153 @@
+"""The destination side of one connection: rebuild, verify, store durably, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from bitmig import __version__
+from bitmig.assembly import Assembly
+from bitmig.channel import Channel, Timeout
+from bitmig.protocol import spec
+from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
+from bitmig.protocol.events import Ack, Bits, Complete, End, Hello, Ready, Start, Zeroes
+from bitmig.protocol.spec import ErrorCode
+from bitmig.protocol.state import BitmapState, Role
+from bitmig.store import StoredMeta, StoreError
+
+if TYPE_CHECKING:
+    from bitmig.daemon import Daemon
+
+log = logging.getLogger("bitmig.dest")
+
+
+class Receiver:
+    """Serves one source connection."""
+
+    def __init__(self, daemon: Daemon, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.daemon = daemon
+        self.ch = Channel(reader, writer, Role.DESTINATION, daemon.trace, daemon.io_timeout)
+        self.assemblies: dict[int, Assembly] = {}
+        self.reserved: dict[int, tuple[str, str]] = {}
+        self.budget_held = 0
+
+    async def run(self) -> None:
+        ch, d = self.ch, self.daemon
+        d.trace.event("connection", peer=ch.peer)
+        try:
+            await ch.recv("hello", d.connect_timeout)
+            await ch.send(Hello(ch.conn.version or spec.PROTOCOL_VERSION,
+                                spec.MIN_PROTOCOL_VERSION, spec.ROLE_DESTINATION,
+                                spec.CAPABILITIES, f"bitmig/{__version__}"))
+            while True:
+                try:
+                    ev = await ch.recv("the next frame from the source")
+                except PeerError as e:
+                    if e.bitmap_id is None:
+                        raise
+                    self._drop(e.bitmap_id)  # the source aborted that bitmap
+                    continue
+                t = type(ev)
+                if t is Bits or t is Zeroes:
+                    self._apply(ev)
+                elif t is Start:
+                    await self._start(ev)
+                elif t is Complete:
+                    await self._complete(ev)
+                elif t is End:
+                    await ch.send(End())
+                    break
+            d.trace.event("outcome", peer=ch.peer, ok=True)
+        except ProtocolError as e:
+            log.warning("%s: %s", ch.peer, e)
+            d.count_error(e.code)
+            d.trace.event("error", peer=ch.peer, code=str(e.code), message=e.message)
+            await ch.fail(e)
+        except Timeout as e:
+            log.warning("%s: %s", ch.peer, e)
+            d.count_error(ErrorCode.TIMEOUT)
+            d.trace.event("error", peer=ch.peer, code="timeout", message=str(e))
+            await ch.fail(RemoteProtocolError(ErrorCode.TIMEOUT, str(e)))
+        except (PeerError, OSError) as e:
+            log.warning("%s: %s", ch.peer, e)
+            d.trace.event("error", peer=ch.peer, code="peer", message=str(e))
+        finally:
+            for bid in list(self.assemblies):
+                self._drop(bid)
+            await ch.close()
+            d.trace.flush()
+
+    def _drop(self, bid: int) -> None:
+        """Forget a bitmap that will not complete: nothing of it was stored."""
+        asm = self.assemblies.pop(bid, None)
+        if asm is not None:
+            self.daemon.release_budget(asm.bitmap.serialized_size)
+        key = self.reserved.pop(bid, None)
+        if key is not None:
+            self.daemon.reserved.discard(key)
+
+    async def _refuse(self, exc: RemoteProtocolError) -> None:
+        self.daemon.count_error(exc.code)
+        self.daemon.trace.event("bitmap_error", peer=self.ch.peer, id=exc.bitmap_id,
+                                code=str(exc.code), message=exc.message)
+        self._drop(exc.bitmap_id)
+        self.ch.writer.writelines(self.ch.conn.error_frame(exc))
+        await self.ch.drain()
+
+    async def _start(self, ev: Start) -> None:
+        d = self.daemon
+        key = (ev.node, ev.name)
+        size = self.ch.conn.bitmaps[ev.id].serialized_size
+        if d.holds(ev.node, ev.name):
+            await self._refuse(RemoteProtocolError(
+                ErrorCode.EXISTS, f"bitmap {ev.node}/{ev.name} already exists on the "
+                                  "destination", ev.id))
+            return
+        if not d.take_budget(size):
+            await self._refuse(RemoteProtocolError(
+                ErrorCode.LIMIT, f"bitmap of {size} bytes exceeds the destination's free "
+                                 f"memory budget", ev.id))
+            return
+        d.reserved.add(key)
+        self.reserved[ev.id] = key
+        try:
+            self.assemblies[ev.id] = await asyncio.to_thread(Assembly, ev)
+        except (ValueError, MemoryError) as e:
+            await self._refuse(RemoteProtocolError(ErrorCode.LIMIT, str(e), ev.id))
+            return
+        await self.ch.send(Ready(ev.id))
+
+    def _apply(self, ev: Bits | Zeroes) -> None:
+        asm = self.assemblies.get(ev.id)
+        if asm is None:
+            return  # in flight when this side failed the bitmap: discarded
+        asm.apply(ev)
+
+    async def _complete(self, ev: Complete) -> None:
+        asm = self.assemblies.get(ev.id)
+        if asm is None:
+            return
+        try:
+            digest = asm.verify(ev)
+        except RemoteProtocolError as e:
+            await self._refuse(e)
+            return
+        s = asm.start
+        meta = StoredMeta(s.node, s.name, s.disk_size, s.granularity, s.chunk_size, s.enabled,
+                          s.persistent, asm.bitmap.count(), digest, time.time(), self.ch.peer)
+        try:
+            await self.daemon.commit(meta, asm.bitmap)
+        except StoreError as e:
+            await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
+            return
+        self.assemblies.pop(ev.id)
+        self.reserved.pop(ev.id, None)
+        self.daemon.reserved.discard((s.node, s.name))
+        self.daemon.release_budget(asm.bitmap.serialized_size)
+        if self.ch.conn.bitmap_state(ev.id) is BitmapState.COMPLETING:
+            await self.ch.send(Ack(ev.id, digest))
+            self.daemon.trace.event("stored", bitmap=f"{s.node}/{s.name}", digest=digest.hex(),
+                                    count=asm.bitmap.count())

@@ -1,0 +1,162 @@
+"""Durable storage of bitmaps under a state directory: write temp, fsync, rename.
+
+File format (one file per bitmap, `bitmaps/<sha256(node NUL name)[:32]>.bitmap`):
+
+    offset 0     8 bytes   magic b"BITMIG\\x00\\x01"
+    offset 8     4 bytes   header length H, little-endian
+    offset 12    H bytes   msgpack map: node, name, disk_size, granularity, chunk_size,
+                           enabled, persistent, count, digest (tree digest, 32 bytes),
+                           stored_at (unix seconds), origin (peer address)
+    offset 4096  the serialized bitmap (little-endian 64-bit words)
+
+A file is only ever created under a temporary name and renamed into place after its
+data and header are fsynced, and the directory is fsynced after the rename. Loading
+recomputes the tree digest: a file that does not match its header is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from bitmig.bitmap import WORD, DirtyBitmap, serialized_size
+from bitmig.digest import tree_digest
+
+MAGIC = b"BITMIG\x00\x01"
+DATA_OFFSET = 4096
+SUFFIX = ".bitmap"
+TMP_MARK = ".tmp-"
+
+
+class StoreError(Exception):
+    """The state directory cannot be written or holds a damaged file."""
+
+
+@dataclass(frozen=True)
+class StoredMeta:
+    node: str
+    name: str
+    disk_size: int
+    granularity: int
+    chunk_size: int
+    enabled: bool
+    persistent: bool
+    count: int
+    digest: bytes
+    stored_at: float
+    origin: str
+
+
+def file_name(node: str, name: str) -> str:
+    return hashlib.sha256(f"{node}\0{name}".encode()).hexdigest()[:32] + SUFFIX
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """The bitmaps a daemon holds durably."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.dir = Path(root) / "bitmaps"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create state directory {self.dir}: {e}") from e
+        if not os.access(self.dir, os.W_OK):
+            raise StoreError(f"state directory {self.dir} is not writable")
+        self.removed_temps = self._remove_temps()
+
+    def _remove_temps(self) -> int:
+        """Temp files are attempts that never committed: they are discarded at start."""
+        n = 0
+        for p in self.dir.iterdir():
+            if TMP_MARK in p.name:
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def path(self, node: str, name: str) -> Path:
+        return self.dir / file_name(node, name)
+
+    def exists(self, node: str, name: str) -> bool:
+        return self.path(node, name).exists()
+
+    def save(self, meta: StoredMeta, bitmap: DirtyBitmap) -> Path:
+        """Write atomically and durably. Raises StoreError; leaves no file that looks valid."""
+        final = self.path(meta.node, meta.name)
+        tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
+        header = msgpack.packb(meta.__dict__, use_bin_type=True)
+        if 12 + len(header) > DATA_OFFSET:
+            raise StoreError("bitmap header too large")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                head = MAGIC + len(header).to_bytes(4, "little") + header
+                os.pwrite(fd, head.ljust(DATA_OFFSET, b"\0"), 0)
+                data = memoryview(bitmap.words).cast("B")
+                off = 0
+                while off < data.nbytes:
+                    off += os.pwrite(fd, data[off : off + (64 << 20)], DATA_OFFSET + off)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot store {meta.node}/{meta.name} in {self.dir}: {e}") from e
+        return final
+
+    def remove(self, node: str, name: str) -> None:
+        self.path(node, name).unlink(missing_ok=True)
+        _fsync_dir(self.dir)
+
+    @staticmethod
+    def read_meta(path: Path) -> StoredMeta:
+        with open(path, "rb") as f:
+            head = f.read(DATA_OFFSET)
+        if head[:8] != MAGIC:
+            raise StoreError(f"{path}: not a bitmig bitmap file")
+        n = int.from_bytes(head[8:12], "little")
+        try:
+            fields = msgpack.unpackb(head[12 : 12 + n], raw=False)
+            return StoredMeta(**fields)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise StoreError(f"{path}: damaged header: {e}") from None
+
+    def load(self, path: Path) -> tuple[StoredMeta, DirtyBitmap]:
+        """Read a stored bitmap and check it against its digest."""
+        meta = self.read_meta(path)
+        size = serialized_size(meta.disk_size, meta.granularity)
+        if path.stat().st_size != DATA_OFFSET + size:
+            raise StoreError(f"{path}: {path.stat().st_size - DATA_OFFSET} data bytes, header "
+                             f"says {size}")
+        words = np.fromfile(path, dtype=WORD, count=size // 8, offset=DATA_OFFSET)
+        if tree_digest(words.data) != meta.digest:
+            raise StoreError(f"{path}: data does not match its digest")
+        bm = DirtyBitmap(meta.disk_size, meta.granularity, meta.chunk_size, words=words)
+        if bm.count() != meta.count:
+            raise StoreError(f"{path}: {bm.count()} bits set, header says {meta.count}")
+        return meta, bm
+
+    def load_all(self) -> tuple[list[tuple[StoredMeta, DirtyBitmap]], list[str]]:
+        """Every valid stored bitmap, and a message per file that was refused."""
+        good, bad = [], []
+        for p in sorted(self.dir.glob("*" + SUFFIX)):
+            try:
+                good.append(self.load(p))
+            except (StoreError, OSError, ValueError) as e:
+                bad.append(str(e))
+        return good, bad
