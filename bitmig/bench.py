@@ -1,18 +1,121 @@
-"""`bitmig bench`: benchmarks against raw loopback TCP and peers (JSON output)."""
+"""`bitmig bench`: benchmarks against raw loopback TCP and peers.
+
+Scenarios (helpers in bitmig/benchmarks/): throughput (vs raw TCP), downtime (vs
+stop-and-copy, under a workload), wire_bytes (vs roaring), slow_link (through a 4 MB/s
+proxy), memory (peak RSS of both daemons) and scale (time, rate, memory per size).
+Every scenario reports its target in words and `met`. `--json` prints one object:
+{"machine": {...}, "scenarios": {name: {..., "target": str, "met": bool}}}.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import sys
+import time
 from typing import Any
+
+from bitmig.units import format_size, parse_size
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return [parse_size(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_bench_parser(sub: Any, formatter: Any) -> None:
-    b = sub.add_parser("bench", formatter_class=formatter, help="run the benchmarks")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--quick", action="store_true")
+    from bitmig.benchmarks.scenarios import SCENARIOS
+
+    b = sub.add_parser(
+        "bench", formatter_class=formatter, help="run the benchmarks",
+        description="Measure bitmig on loopback against raw TCP, stop-and-copy and roaring.\n"
+        "Full run: about 5 minutes on 2 cores; --quick: under a minute.")
+    b.add_argument("--json", action="store_true", help="print all figures as one JSON object")
+    b.add_argument("--quick", action="store_true", help="small sizes (CI, smoke test)")
+    b.add_argument("--scenario", action="append", choices=SCENARIOS, default=None,
+                   metavar="NAME", help=f"run only this scenario (repeatable): "
+                   f"{', '.join(SCENARIOS)}")
+    b.add_argument("--sizes", type=_sizes, default=None, metavar="S1,S2,...",
+                   help="bitmap sizes of the scale scenario, e.g. 4M,32M,256M,1G,2G")
     b.set_defaults(func=cmd_bench)
 
 
+async def run_bench(names: list[str], quick: bool, sizes: list[int] | None,
+                    log: Any = None) -> dict[str, Any]:
+    from bitmig.benchmarks import scenarios as sc
+    from bitmig.benchmarks.common import machine
+
+    out: dict[str, Any] = {"machine": machine(), "quick": quick, "scenarios": {}}
+    for name in names:
+        if log:
+            log(f"bitmig bench: {name}...")
+        t0 = time.monotonic()
+        if name == "wire_bytes":
+            res = await asyncio.to_thread(sc.wire_bytes, quick)
+        elif name == "scale":
+            res = await sc.scale(quick, sizes)
+        else:
+            res = await getattr(sc, name)(quick)
+        res["bench_s"] = round(time.monotonic() - t0, 2)
+        out["scenarios"][name] = res
+    return out
+
+
+def _fmt(k: str, v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, int) and (k.endswith("bytes") or k.endswith("rss") or k in (
+            "raw", "bitmig", "roaring", "zlib1", "bytes_sent", "disk")) and v >= 1 << 20:
+        return f"{v:,} ({format_size(v)})"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{a}={_fmt(a, b)}" for a, b in v.items())
+    if isinstance(v, list):
+        return ", ".join(_fmt(k, x) for x in v)
+    return str(v)
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    cols = list(rows[0])
+    cells = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
+    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, width, strict=True))  # noqa: E731
+    return [line(cols), line(["-" * w for w in width]), *(line(r) for r in cells)]
+
+
+def render(out: dict[str, Any]) -> str:
+    m = out["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {format_size(m['ram_bytes'])} RAM, "
+             f"Linux {m['kernel']}, Python {m['python']}, numpy {m['numpy']}, "
+             f"msgpack {m['msgpack']}, destination state on {m['state_dir_fs']}"
+             + ("  [--quick]" if out.get("quick") else "")]
+    for name, res in out["scenarios"].items():
+        lines += ["", f"== {name}: {'met' if res['met'] else 'MISSED'}  (target: "
+                  f"{res['target']})"]
+        for k, v in res.items():
+            if k in ("target", "met"):
+                continue
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                lines += ["  " + x for x in _table(v)]
+            else:
+                lines.append(f"  {k:<28} {_fmt(k, v)}")
+    return "\n".join(lines)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
-    print("bitmig bench: not implemented yet")
-    return 2
+    from bitmig.benchmarks.scenarios import SCENARIOS
+
+    names = a.scenario or list(SCENARIOS)
+    log = None if a.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    out = asyncio.run(run_bench(names, a.quick, a.sizes, log))
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(render(out))
+    return 0 if all(r.get("ok", True) for r in out["scenarios"].values()) else 1

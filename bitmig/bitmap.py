@@ -152,8 +152,9 @@ class DirtyBitmap:
                 f"{self.disk_size} bytes"
             )
         g = self.granularity
-        if inner:  # clusters wholly inside the range
-            return -(-offset // g), (offset + length) // g
+        if inner:  # clusters wholly inside the range (none when it is inside one cluster)
+            a = -(-offset // g)
+            return a, max(a, (offset + length) // g)
         return offset // g, -(-(offset + length) // g)  # clusters the range touches
 
     def set(self, offset: int, length: int) -> int:

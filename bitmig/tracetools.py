@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from typing import Any
@@ -14,53 +15,133 @@ def read_trace(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def sent_by_source(r: dict[str, Any]) -> bool:
+    """True for a frame record of a frame the source sent, whichever side traced it."""
+    if r.get("type") != "frame":
+        return False
+    side = r.get("side", "source")
+    return (r["dir"] == "send") == (side != "destination")
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per phase: frames, bytes, chunks, zero runs; plus passes, downtime and outcome."""
+    """Per phase: frames, bytes, chunks, zero runs; plus passes, downtime and outcome.
+
+    Works on a source trace, a destination trace or records decoded from a capture.
+    bytes_sent, frames_sent, chunks_sent and zero_runs count only frames the source sent
+    (what `bitmig demo` and the migration result report); phases and kinds count every
+    frame in both directions. A destination trace has no phase events: its frames are
+    split into setup/transfer/completion/done by the frames themselves.
+    """
     phases: dict[str, dict[str, Any]] = {}
     phase = "setup"
-    out: dict[str, Any] = {"phases": phases, "passes": 0, "downtime_ms": None, "outcome": None}
+    out: dict[str, Any] = {"phases": phases, "passes": 0, "forced": False,
+                           "downtime_ms": None, "outcome": None, "migrations": 0}
+    sent: Counter[str] = Counter()
+    has_phases = any(r.get("type") == "phase" for r in records)
     for r in records:
         t = r.get("type")
-        if t == "phase":
+        if t in ("migration", "connection"):  # a new migration starts in setup
+            phase = "setup"
+            out["migrations"] += 1
+            out["passes"] = 0
+        elif t == "phase":
             phase = r["phase"]
             if "downtime_ms" in r:
                 out["downtime_ms"] = r["downtime_ms"]
         elif t == "pass":
             out["passes"] = max(out["passes"], r["n"])
+        elif t == "forced":
+            out["forced"] = True
         elif t == "outcome":
             out["outcome"] = "ok" if r.get("ok") else f"failed: {r.get('error')}"
+            if r.get("downtime_ms") and out["downtime_ms"] is None:
+                out["downtime_ms"] = r["downtime_ms"]
         elif t == "frame":
+            kind = r["kind"]
+            if not has_phases:  # infer from the frames (destination traces, captures)
+                if kind in ("bits", "zeroes") and phase == "setup":
+                    phase = "transfer"
+                elif kind == "complete":
+                    phase = "completion"
+                elif kind == "end":
+                    phase = "done"
+                elif kind == "hello":
+                    phase = "setup"
             p = phases.setdefault(phase, {"frames": 0, "bytes": 0, "chunks": 0,
                                           "zero_runs": 0, "kinds": Counter()})
             p["frames"] += 1
             p["bytes"] += r["bytes"]
-            p["kinds"][r["kind"]] += 1
-            if r["kind"] in ("bits", "zeroes") and r["dir"] == "send":
-                p["chunks"] += r["fields"]["count"]
-            if r["kind"] == "zeroes":
-                p["zero_runs"] += 1
+            p["kinds"][kind] += 1
+            if sent_by_source(r):
+                sent[kind] += 1
+                if kind in ("bits", "zeroes"):
+                    p["chunks"] += r["fields"]["count"]
+                if kind == "zeroes":
+                    p["zero_runs"] += 1
     for p in phases.values():
         p["kinds"] = dict(p["kinds"])
-    out["bytes_sent"] = sum(r["bytes"] for r in records
-                            if r.get("type") == "frame" and r["dir"] == "send")
+    out["migrations"] = max(out["migrations"], 1 if phases else 0)
+    out["bytes_sent"] = sum(r["bytes"] for r in records if sent_by_source(r))
+    out["frames_sent"] = dict(sent)
+    out["chunks_sent"] = sum(p["chunks"] for p in phases.values())
+    out["zero_runs"] = sum(p["zero_runs"] for p in phases.values())
     return out
 
 
-def cmd_summary(a: argparse.Namespace) -> int:
-    s = summarize(read_trace(a.path))
+def cmd_summary(a: argparse.Namespace, records: list[dict[str, Any]] | None = None) -> int:
+    s = summarize(read_trace(a.path) if records is None else records)
     if a.json:
         print(json.dumps(s))
         return 0
     for name, p in s["phases"].items():
         print(f"{name:<11} frames {p['frames']:>8}  bytes {p['bytes']:>12}  chunks "
               f"{p['chunks']:>9}  zero runs {p['zero_runs']:>6}  {p['kinds']}")
-    print(f"passes {s['passes']}  downtime {s['downtime_ms']} ms  bytes sent {s['bytes_sent']}"
-          f"  outcome {s['outcome']}")
+    print(f"passes {s['passes']}{' (forced)' if s['forced'] else ''}  downtime "
+          f"{s['downtime_ms']} ms  bytes sent {s['bytes_sent']}  outcome {s['outcome']}")
+    print(f"source sent {s['frames_sent']}  chunks {s['chunks_sent']}  zero runs "
+          f"{s['zero_runs']}")
     return 0
 
 
-def cmd_show(a: argparse.Namespace) -> int:
-    recs = read_trace(a.path)
+def cmd_pcap(a: argparse.Namespace) -> int:
+    try:
+        from bitmig.pcap import decode_capture
+    except ImportError:  # pragma: no cover - dpkt missing
+        print("bitmig trace pcap: needs dpkt (pip install 'bitmig[pcap]')", file=sys.stderr)
+        return 2
+    try:
+        recs = decode_capture(a.capture, a.port, a.view)
+    except (OSError, ValueError) as e:
+        print(f"bitmig trace pcap: {a.capture}: {e}", file=sys.stderr)
+        return 1
+    if a.output:
+        with open(a.output, "w") as f:
+            for r in recs:
+                f.write(json.dumps(r, separators=(",", ":")) + "\n")
+    if a.mode == "summary":
+        return cmd_summary(a, recs)
+    if a.mode == "show":
+        return cmd_show(a, recs)
+    if not a.output:
+        for r in recs:
+            print(json.dumps(r, separators=(",", ":")))
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    try:
+        from bitmig.plot import plot_trace
+    except ImportError:  # pragma: no cover - matplotlib missing
+        print("bitmig trace plot: needs matplotlib (pip install 'bitmig[plot]')",
+              file=sys.stderr)
+        return 2
+    plot_trace(read_trace(a.path), a.output, title=a.title or a.path)
+    print(f"wrote {a.output}")
+    return 0
+
+
+def cmd_show(a: argparse.Namespace, records: list[dict[str, Any]] | None = None) -> int:
+    recs = read_trace(a.path) if records is None else records
     t0 = recs[0]["mono"] if recs else 0
     for r in recs:
         t = r["mono"] - t0
@@ -83,6 +164,19 @@ def cmd_show(a: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_pipe(func: Any) -> Any:
+    """Run a subcommand; a reader that stops early (`| head`) is not an error."""
+
+    def run(a: argparse.Namespace) -> int:
+        try:
+            return func(a)
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")  # silence the flush at exit
+            return 0
+
+    return run
+
+
 def add_trace_parser(sub: Any, formatter: Any) -> None:
     t = sub.add_parser("trace", formatter_class=formatter, help="inspect protocol traces")
     tsub = t.add_subparsers(dest="trace_command", required=True, metavar="SUBCOMMAND")
@@ -92,11 +186,39 @@ def add_trace_parser(sub: Any, formatter: Any) -> None:
     s.add_argument("--bitmap", type=int, help="only frames for this bitmap id")
     s.add_argument("--since", type=float, help="seconds from the first record")
     s.add_argument("--until", type=float, help="seconds from the first record")
-    s.set_defaults(func=cmd_show)
+    s.set_defaults(func=_quiet_pipe(cmd_show))
     m = tsub.add_parser("summary", formatter_class=formatter, help="per phase totals")
     m.add_argument("path")
     m.add_argument("--json", action="store_true")
-    m.set_defaults(func=cmd_summary)
+    m.set_defaults(func=_quiet_pipe(cmd_summary))
+    c = tsub.add_parser("pcap", formatter_class=formatter,
+                        help="decode bitmig frames from a pcap/pcapng capture",
+                        description="Reassemble every TCP connection on --port and decode its "
+                        "frames into trace records\n(JSON lines by default; --show or "
+                        "--summary read them like a trace).\nExample: tcpdump -i any -w "
+                        "mig.pcap tcp port 7800; bitmig trace pcap mig.pcap --summary")
+    c.add_argument("capture")
+    c.add_argument("--port", type=int, default=7800, help="the destination's TCP port")
+    c.add_argument("--view", choices=["source", "destination"], default="source",
+                   help="whose trace the records imitate (direction and peer)")
+    c.add_argument("-o", "--output", metavar="PATH", help="write the records to PATH (JSONL)")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--json", dest="mode", action="store_const", const="json",
+                   help="print records as JSON lines (default)")
+    g.add_argument("--show", dest="mode", action="store_const", const="show",
+                   help="print a timeline like `bitmig trace show`")
+    g.add_argument("--summary", dest="mode", action="store_const", const="summary",
+                   help="print totals like `bitmig trace summary`")
+    c.add_argument("--summary-json", dest="json", action="store_true",
+                   help="with --summary: print the summary as JSON")
+    c.set_defaults(func=_quiet_pipe(cmd_pcap), mode="json", kind=None, bitmap=None,
+                   since=None, until=None)
+    pl = tsub.add_parser("plot", formatter_class=formatter,
+                         help="plot pending dirty bytes, bytes sent, passes (PNG)")
+    pl.add_argument("path")
+    pl.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    pl.add_argument("--title", default=None)
+    pl.set_defaults(func=_quiet_pipe(cmd_plot))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Helpers of `bitmig bench` (bitmig/bench.py): bitmaps, processes, a link proxy, scenarios."""

@@ -1,0 +1,169 @@
+"""Live migration on loopback between two daemons, with workloads mutating the source."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitmig.bitmap import DirtyBitmap
+from bitmig.daemon import Daemon
+from bitmig.migration import MigrationOptions
+from bitmig.registry import HandedOff, Ownership
+from bitmig.workload import Workload
+
+
+async def dest_daemon(tmp_path: Path, **kw) -> tuple[Daemon, int]:
+    d = Daemon("destination", str(tmp_path / "dest"), **kw)
+    _, port = await d.listen("127.0.0.1", 0)
+    return d, port
+
+
+def replay(initial: dict[str, np.ndarray], log: list, key: str, ref: DirtyBitmap) -> None:
+    ref.words[:] = initial[key]
+    for k, op, bits in log:
+        if k == key:
+            (ref.set_many if op == "set" else ref.reset_many)(bits)
+
+
+@pytest.mark.parametrize("chunk", [1024, 64])
+async def test_live_migration_under_writes_keeps_every_mutation(tmp_path: Path,
+                                                                chunk: int) -> None:
+    dest, port = await dest_daemon(tmp_path)
+    src = Daemon("source", options=MigrationOptions(small_threshold=64 << 10,
+                                                    frame_payload=256 << 10))
+    rng = np.random.default_rng(5)
+    e = src.registry.add("drive0", "b0", 1 << 40, 65536, chunk)  # 2 MiB bitmap
+    e.bitmap.set_many(rng.integers(0, e.bitmap.nbits, e.bitmap.nbits // 10))
+    initial = {e.key: e.bitmap.words.copy()}
+    log: list = []
+    wl = Workload([e], rate=50_000, reset_fraction=0.1, seed=2, log=log)
+    wl.start()
+    await asyncio.sleep(0.05)
+    # Besides the timed workload, writes land between every window and pass.
+    result = await src.migrate("127.0.0.1", port, progress=lambda p: wl.step(20))
+    await wl.stop()
+    assert result.ok, result.error
+    assert e.state is Ownership.HANDED_OFF
+    got = dest.registry.get("drive0", "b0").bitmap
+    # The destination holds exactly what the source held at handoff...
+    assert got.sha256().hex() == result.bitmaps[0].sha256
+    assert np.array_equal(got.words, e.bitmap.words)
+    # ...which is the initial bitmap plus every mutation the workload applied.
+    ref = DirtyBitmap(1 << 40, 65536, chunk)
+    replay(initial, log, e.key, ref)
+    assert np.array_equal(ref.words, got.words)
+    assert wl.writes > 0 and result.bitmaps[0].live
+    # The stored copy survives a restart of the destination.
+    await dest.close()
+    again = Daemon("destination", str(tmp_path / "dest"))
+    assert again.registry.get("drive0", "b0").bitmap.sha256() == got.sha256()
+
+
+async def test_small_bitmap_skips_live_phase(tmp_path: Path) -> None:
+    dest, port = await dest_daemon(tmp_path)
+    src = Daemon("source")
+    e = src.registry.add("n", "small", 1 << 30, 65536)  # 2 KiB: below the 1 MiB threshold
+    e.bitmap.set(0, 1 << 29)
+    result = await src.migrate("127.0.0.1", port)
+    assert result.ok and not result.bitmaps[0].live
+    assert result.passes == 0
+    assert dest.registry.get("n", "small").bitmap.count() == e.bitmap.count() == 8192
+
+
+async def test_workload_that_never_converges_is_forced_to_complete(tmp_path: Path) -> None:
+    dest, port = await dest_daemon(tmp_path)
+    opts = MigrationOptions(downtime_ms=0.0001, max_passes=3, small_threshold=0)
+    src = Daemon("source", options=opts)
+    e = src.registry.add("n", "busy", 1 << 40, 65536, 64)
+    wl = Workload([e], rate=0, seed=1)
+    # Writes land between every window and pass, so something is always dirty.
+    result = await src.migrate("127.0.0.1", port, progress=lambda p: wl.step(500))
+    assert wl.writes > 0
+    assert result.ok and result.forced and result.passes == 3
+    assert result.downtime_ms > 0
+    assert dest.registry.get("n", "busy").bitmap.sha256().hex() == result.bitmaps[0].sha256
+
+
+async def test_several_bitmaps_and_a_duplicate_name(tmp_path: Path) -> None:
+    dest, port = await dest_daemon(tmp_path)
+    dest.registry.add("n", "taken", 1 << 30, 65536)  # already owned there
+    src = Daemon("source", options=MigrationOptions(small_threshold=4096))
+    rng = np.random.default_rng(9)
+    entries = []
+    for name, disk in [("a", 1 << 40), ("b", 1 << 36), ("taken", 1 << 30), ("c", 1 << 41)]:
+        e = src.registry.add("n", name, disk, 65536)
+        e.bitmap.set_many(rng.integers(0, e.bitmap.nbits, 1000))
+        entries.append(e)
+    before = entries[2].bitmap.words.copy()
+    result = await src.migrate("127.0.0.1", port)
+    by = {b.name: b for b in result.bitmaps}
+    assert not result.ok
+    assert by["taken"].error.startswith("exists:") and "already exists" in by["taken"].error
+    for name in "abc":
+        assert by[name].ok
+        assert dest.registry.get("n", name).bitmap.sha256().hex() == by[name].sha256
+    taken = src.registry.get("n", "taken")
+    assert taken.state is Ownership.OWNED and np.array_equal(taken.bitmap.words, before)
+    assert {b.live for b in result.bitmaps} == {True, False}
+
+
+async def test_mutations_after_handoff_name_the_new_owner(tmp_path: Path) -> None:
+    dest, port = await dest_daemon(tmp_path)
+    src = Daemon("source")
+    src.registry.add("n", "b", 1 << 30, 65536)
+    result = await src.migrate("127.0.0.1", port)
+    assert result.ok
+    with pytest.raises(HandedOff, match=f"handed off to 127.0.0.1:{port}"):
+        await src.registry.mutate("n", "b", "set", 0, 1)
+
+
+async def test_failed_migration_keeps_the_source_bitmap_and_held_mutations(
+        tmp_path: Path) -> None:
+    # A destination that accepts the connection and then says nothing: the source times out.
+    async def mute(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+        w.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    src = Daemon("source", options=MigrationOptions(connect_timeout=0.3))
+    e = src.registry.add("n", "b", 1 << 40, 65536)
+    e.bitmap.set(0, 1 << 30)
+    before = e.bitmap.words.copy()
+    result = await src.migrate("127.0.0.1", port)
+    assert not result.ok and "timed out after 0.3s waiting for the destination's hello" in \
+        result.error
+    assert e.state is Ownership.OWNED and np.array_equal(e.bitmap.words, before)
+    server.close()
+
+    # Mutations held during a freeze are applied in order when the migration fails.
+    src.registry.freeze([e])
+    t1 = asyncio.create_task(src.registry.mutate("n", "b", "set", 1 << 35, 1))
+    t2 = asyncio.create_task(src.registry.mutate("n", "b", "reset", 1 << 35, 65536))
+    await asyncio.sleep(0.01)
+    assert not t1.done()
+    src.registry.thaw(e, None)
+    assert await t1 == 1 and await t2 == 1
+    assert not e.bitmap.get((1 << 35) // 65536)
+
+
+async def test_destination_refuses_when_state_dir_is_unwritable(tmp_path: Path) -> None:
+    dest, port = await dest_daemon(tmp_path)
+    (tmp_path / "dest" / "bitmaps").chmod(0o500)
+    try:
+        src = Daemon("source")
+        e = src.registry.add("n", "b", 1 << 30, 65536)
+        e.bitmap.set(0, 1 << 20)
+        result = await src.migrate("127.0.0.1", port)
+    finally:
+        (tmp_path / "dest" / "bitmaps").chmod(0o700)
+    import os
+    if os.geteuid() == 0:  # root writes anyway: the check is meaningful for other users only
+        assert result.ok
+        return
+    assert not result.ok and "storage" in result.bitmaps[0].error
+    assert e.state is Ownership.OWNED
+    assert not list((tmp_path / "dest" / "bitmaps").iterdir())

@@ -1,0 +1,142 @@
+"""`bitmig trace pcap`: a real loopback capture decodes to the daemons' own trace records.
+
+Needs tcpdump (or dumpcap) and the right to capture on `lo` (root or CAP_NET_RAW);
+skips with the reason otherwise. test_wireshark.py reuses `capture_migration`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bitmig.daemon import Daemon
+from bitmig.migration import MigrationOptions
+from bitmig.pcap import _Direction, decode_capture
+from bitmig.tracetools import read_trace, summarize
+from bitmig.workload import Workload
+
+pytest.importorskip("dpkt")
+
+COMPARED = ("dir", "kind", "bytes", "fields", "payload_len", "payload_crc32")
+
+
+def capture_tool() -> list[str] | None:
+    """The capture command (without output and filter), or None with no tool."""
+    if shutil.which("tcpdump"):
+        return ["tcpdump", "-i", "lo", "-U", "-n", "--immediate-mode", "-B", "32768", "-s", "0"]
+    if shutil.which("dumpcap"):
+        return ["dumpcap", "-i", "lo", "-q", "--immediate-mode"  , "-s", "0"]
+    return None
+
+
+def skip_unless_capture() -> list[str]:
+    cmd = capture_tool()
+    if cmd is None:
+        pytest.skip("no packet capture tool: install tcpdump (apt-get install tcpdump)")
+    if os.geteuid() != 0:
+        pytest.skip("capturing on lo needs root or CAP_NET_RAW; run as root")
+    return cmd
+
+
+async def capture_migration(tmp: Path, *, disk_size: int = 2 << 40, write_rate: float = 200_000,
+                            dirty: float = 0.002) -> dict[str, Any]:
+    """Run a live migration of a 4 MiB bitmap between two in-process daemons on loopback
+    while tcpdump captures it. Returns port, capture path, both traces and the result."""
+    cmd = skip_unless_capture()
+    src_trace, dst_trace, cap = tmp / "src.jsonl", tmp / "dst.jsonl", tmp / "mig.pcap"
+    dest = Daemon("destination", str(tmp / "state"), str(dst_trace))
+    _, port = await dest.listen("127.0.0.1", 0)
+    err = open(tmp / "capture.err", "w+")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*cmd, "-w", str(cap), f"tcp port {port}"],
+                            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 10
+        while "listening on" not in (tmp / "capture.err").read_text().lower() and \
+                "capturing on" not in (tmp / "capture.err").read_text().lower():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"capture tool failed: {(tmp / 'capture.err').read_text()[:300]}")
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        opts = MigrationOptions(downtime_ms=1, max_passes=3, small_threshold=64 << 10)
+        src = Daemon("source", None, str(src_trace), opts)
+        e = src.registry.add("drive0", "b0", disk_size, 64 << 10, 1024)
+        rng = np.random.default_rng(7)
+        e.bitmap.set_many(rng.integers(0, e.bitmap.nbits // 2, int(e.bitmap.nbits * dirty)))
+        load = Workload([e], write_rate, reset_fraction=0.05, seed=7)
+        load.start()
+        result = await src.migrate("127.0.0.1", port)
+        await load.stop()
+        await asyncio.sleep(0.5)  # let the destination finish and the capture catch up
+        src.trace.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        err.close()
+        await dest.close()
+    assert result.ok, result.error
+    return {"port": port, "capture": cap, "source_trace": src_trace, "dest_trace": dst_trace,
+            "result": result}
+
+
+def project(records: list[dict[str, Any]], direction: str) -> list[tuple[Any, ...]]:
+    return [tuple(json.dumps(r.get(k), sort_keys=True) for k in COMPARED)
+            for r in records if r.get("type") == "frame" and r["dir"] == direction]
+
+
+async def test_capture_matches_daemon_traces(tmp_path: Path) -> None:
+    run = await capture_migration(tmp_path)
+    for view, trace in (("source", run["source_trace"]), ("destination", run["dest_trace"])):
+        decoded = decode_capture(str(run["capture"]), run["port"], view)
+        assert [r for r in decoded if r["type"] != "frame"] == []
+        own = [r for r in read_trace(str(trace)) if r["type"] == "frame"]
+        assert len(decoded) == len(own)
+        for d in ("send", "recv"):  # frame for frame, in order, per direction
+            assert project(decoded, d) == project(own, d), (view, d)
+        assert {r["peer"] for r in decoded} == {r["peer"] for r in own}
+        assert {r["side"] for r in decoded} == {view}
+    # the capture's summary agrees with the source's on what the source sent
+    cap = summarize(decode_capture(str(run["capture"]), run["port"]))
+    own_s = summarize(read_trace(str(run["source_trace"])))
+    for k in ("bytes_sent", "frames_sent", "chunks_sent", "zero_runs"):
+        assert cap[k] == own_s[k], k
+    assert cap["bytes_sent"] == run["result"].bytes_sent
+    assert run["result"].passes >= 1  # the capture covers dirty passes, not only bulk
+
+
+async def test_cli_pcap_summary_and_show(tmp_path: Path) -> None:
+    run = await capture_migration(tmp_path, write_rate=0)
+    base = ["bitmig", "trace", "pcap", str(run["capture"]), "--port", str(run["port"])]
+    out = subprocess.run([*base, "--summary", "--summary-json"], capture_output=True,
+                         text=True, check=True).stdout
+    s = json.loads(out)
+    assert s["bytes_sent"] == run["result"].bytes_sent
+    show = subprocess.run([*base, "--show"], capture_output=True, text=True, check=True).stdout
+    assert " hello " in show and " complete " in show and " ack " in show
+    jl = subprocess.run(base, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert json.loads(jl[0])["kind"] == "hello"
+
+
+def test_reassembly_out_of_order_and_retransmits() -> None:
+    d = _Direction()
+    assert d.segment(1000, True, b"") == b""
+    assert d.segment(1006, False, b"world") == b""  # early: waits
+    assert d.segment(1001, False, b"hello") == b"helloworld"
+    assert d.segment(1001, False, b"hello") == b""  # retransmission
+    assert d.segment(1009, False, b"ldXY") == b"XY"  # overlapping retransmission
+    d = _Direction()
+    assert d.segment(0xFFFFFFFF, True, b"") == b""  # sequence numbers wrap
+    assert d.segment(0, False, b"ab") == b"ab"
+    assert d.segment(2, False, b"c") == b"c"
