@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -61,6 +62,7 @@ async def run_bench(names: list[str], quick: bool, sizes: list[int] | None,
             res = await getattr(sc, name)(quick)
         res["bench_s"] = round(time.monotonic() - t0, 2)
         out["scenarios"][name] = res
+    out["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
 
@@ -93,7 +95,8 @@ def render(out: dict[str, Any]) -> str:
     m = out["machine"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {format_size(m['ram_bytes'])} RAM, "
              f"Linux {m['kernel']}, Python {m['python']}, numpy {m['numpy']}, "
-             f"msgpack {m['msgpack']}, destination state on {m['state_dir_fs']}"
+             f"msgpack {m['msgpack']}, destination state on {m['state_dir_fs']}, load average "
+             f"{m['loadavg_at_start'][0]} at start, {m.get('loadavg_at_end', ['?'])[0]} at end"
              + ("  [--quick]" if out.get("quick") else "")]
     for name, res in out["scenarios"].items():
         lines += ["", f"== {name}: {'met' if res['met'] else 'MISSED'}  (target: "

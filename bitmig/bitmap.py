@@ -250,6 +250,30 @@ class DirtyBitmap:
             t.mark_words(widx)
         return changed
 
+    def fill_random(self, fraction: float, rng: np.random.Generator) -> int:
+        """Set each bit with probability `fraction` (to make test and demo bitmaps).
+
+        Works block by block on 16-bit random numbers, so a 2 GiB bitmap needs neither a
+        list of billions of indices nor a float per bit. Meta bits are not touched: this
+        makes a starting state, not a stream of writes. Returns the set-bit count.
+        """
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"fill fraction must be in [0, 1], got {fraction}")
+        threshold = round(fraction * 65536)
+        block = 1 << 26  # bits per step
+        out = self.words.view(np.uint8)
+        for lo in range(0, self.nwords * 64, block):
+            n = min(block, self.nwords * 64 - lo)
+            if fraction == 0.5:
+                r = rng.integers(0, 256, n // 8, dtype=np.uint8)
+            else:
+                r = np.packbits(rng.integers(0, 65536, n, dtype=np.uint16) < threshold,
+                                bitorder="little")
+            out[lo // 8 : (lo + n) // 8] = r
+        self.words[-1] &= self._tail_mask
+        self._count = int(np.bitwise_count(self.words).sum())
+        return self._count
+
     # -- queries ------------------------------------------------------------------------
 
     def count(self) -> int:

@@ -55,6 +55,8 @@ def _add_common(p: argparse.ArgumentParser, side: str) -> None:
                    defaults.IO_TIMEOUT)), help="seconds any single wait for the peer may take")
     p.add_argument("--connect-timeout", type=float, default=float(_env("connect_timeout",
                    defaults.CONNECT_TIMEOUT)), help="seconds to connect and exchange hello")
+    p.add_argument("--metrics", type=_hostport, default=_env("metrics", None), metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP at HOST:PORT/metrics")
 
 
 def _add_migration_opts(p: argparse.ArgumentParser) -> None:
@@ -260,6 +262,9 @@ async def _run_dest(a: argparse.Namespace) -> int:
         return 2
     h, p = await daemon.listen(host, port)
     await daemon.control(a.control)
+    if a.metrics:
+        from bitmig.metrics import serve_metrics
+        await serve_metrics(daemon, *a.metrics)
     print(f"listening on {h}:{p} control {a.control} state {a.state_dir}", flush=True)
     _stop_on_signals(daemon)
     await daemon.serve_forever()
@@ -294,9 +299,11 @@ async def _run_source(a: argparse.Namespace) -> int:
         if a.fill:
             import numpy as np
 
-            rng = np.random.default_rng(len(daemon.registry.entries))
-            e.bitmap.set_many(rng.integers(0, e.bitmap.nbits, int(e.bitmap.nbits * a.fill)))
+            e.bitmap.fill_random(a.fill, np.random.default_rng(len(daemon.registry.entries)))
     await daemon.control(a.control)
+    if a.metrics:
+        from bitmig.metrics import serve_metrics
+        await serve_metrics(daemon, *a.metrics)
     print(f"control {a.control}", flush=True)
     workload = None
     if a.workload_rate > 0:

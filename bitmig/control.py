@@ -89,9 +89,7 @@ async def _add(d: Daemon, req: dict[str, Any]) -> Any:
         _arg(req, "enabled", bool, True), _arg(req, "persistent", bool, False))
     fill = float(_arg(req, "fill", (int, float), 0))
     if fill:
-        rng = np.random.default_rng(_arg(req, "seed", int, 0))
-        bits = rng.choice(e.bitmap.nbits, int(e.bitmap.nbits * fill), replace=False)
-        e.bitmap.set_many(bits)
+        e.bitmap.fill_random(fill, np.random.default_rng(_arg(req, "seed", int, 0)))
     return e.describe()
 
 

@@ -22,7 +22,7 @@ from bitmig.bitmap import DirtyBitmap
 from bitmig.migration import Migration, MigrationOptions, MigrationResult
 from bitmig.receiver import Receiver
 from bitmig.registry import Entry, Ownership, Registry, RegistryError
-from bitmig.store import Store, StoredMeta
+from bitmig.store import Spool, Store, StoredMeta
 from bitmig.trace import Trace
 
 log = logging.getLogger("bitmig")
@@ -103,9 +103,11 @@ class Daemon:
     def count_error(self, code: str) -> None:
         self.errors[str(code)] += 1
 
-    async def commit(self, meta: StoredMeta, bm: DirtyBitmap) -> None:
+    async def commit(self, meta: StoredMeta, bm: DirtyBitmap, spool: Spool | None = None) -> None:
         """Store a verified bitmap durably, then own it. Raises StoreError."""
-        if self.store is not None:
+        if spool is not None:
+            await asyncio.to_thread(spool.commit, meta)
+        elif self.store is not None:
             await asyncio.to_thread(self.store.save, meta, bm)
         self._adopt(meta, bm)
 

@@ -57,7 +57,7 @@ async def demo(a: argparse.Namespace, show: Any) -> dict[str, Any]:
             for i in range(a.bitmaps):
                 e = src.registry.add("drive0", f"bitmap{i}", a.disk_size, a.granularity,
                                      a.chunk_size, persistent=True)
-                e.bitmap.set_many(rng.integers(0, e.bitmap.nbits, int(e.bitmap.nbits * a.dirty)))
+                e.bitmap.fill_random(a.dirty, rng)
             entries = list(src.registry.entries.values())
             work_load = Workload(entries, a.write_rate, reset_fraction=0.05, seed=a.seed)
             work_load.start()

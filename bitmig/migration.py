@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_mod
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ from bitmig.digest import DigestCache
 from bitmig.planner import Planner
 from bitmig.protocol import spec
 from bitmig.protocol.errors import PeerError, ProtocolError
-from bitmig.protocol.events import Ack, Complete, End, Error, Hello, Ready, Start
+from bitmig.protocol.events import Ack, Complete, End, Error, Hello, Mark, Ready, Start, Zeroes
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import Role
 from bitmig.registry import Entry, Ownership, Registry
@@ -58,7 +57,7 @@ class MigrationResult:
     forced: bool = False  # completion forced by max_passes
     bytes_sent: int = 0
     bytes_live: int = 0  # bytes sent before the freeze
-    frames: dict[str, int] = field(default_factory=dict)
+    frames: dict[str, int] = field(default_factory=dict)  # every frame sent, by kind
     zero_runs: int = 0
     chunks_sent: int = 0
     downtime_ms: float = 0.0
@@ -110,11 +109,12 @@ class Migration:
         self.items = [_Item(e, i, self.opts) for i, e in enumerate(entries)]
         self.result = MigrationResult(False, f"{host}:{port}",
                                       bitmap_bytes=sum(e.bitmap.serialized_size for e in entries))
-        self.frames: Counter[str] = Counter()
         self.phase = "setup"
         self.pass_no = 0
         self._t0 = 0.0
-        self._live_t0 = 0.0
+        self._seq = 0
+        self._sync_t = 0.0
+        self._sync_bytes = 0
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -139,20 +139,36 @@ class Migration:
     def _write(self, frames: list[Any]) -> None:
         for f in frames:
             self.ch.write(f)
-            kind = f.KIND.name.lower()
-            self.frames[kind] += 1
             self.result.chunks_sent += f.count
-            if kind == "zeroes":
+            if type(f) is Zeroes:
                 self.result.zero_runs += 1
 
     async def _drain_if_needed(self) -> None:
         if self.ch.writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
             await self.ch.drain("the destination to take more data")
 
-    def _bandwidth(self) -> float:
-        """Bytes per second sent during the live phase so far."""
-        dt = time.monotonic() - self._live_t0
-        return self.ch.conn.bytes_sent / dt if dt > 0 else float("inf")
+    async def _sync(self) -> float:
+        """Send a mark and wait for its echo: the destination has then applied everything
+        sent so far. Returns the bytes per second achieved since the previous sync,
+        end to end (bytes merely queued in socket buffers do not count as sent)."""
+        self._seq += 1
+        self.ch.write(Mark(self._seq))
+        await self.ch.drain()
+        while True:
+            try:
+                ev = await self.ch.recv("the destination to catch up (mark echo)")
+            except PeerError as e:
+                it = next((i for i in self.items if i.id == e.bitmap_id and i.active), None)
+                if it is None:
+                    raise
+                self._fail_item(it, f"{e.code}: {e.message}")
+                continue
+            if type(ev) is Mark and ev.seq == self._seq:
+                break
+        now, sent = time.monotonic(), self.ch.conn.bytes_sent
+        bw = (sent - self._sync_bytes) / max(now - self._sync_t, 1e-6)
+        self._sync_t, self._sync_bytes = now, sent
+        return bw
 
     # -- the phases ---------------------------------------------------------------------
 
@@ -186,8 +202,8 @@ class Migration:
             if hasattr(self, "ch"):
                 await self.ch.close()
                 self.result.bytes_sent = self.ch.conn.bytes_sent
+                self.result.frames = dict(self.ch.conn.frames_sent)
             self.result.bitmaps = [it.outcome for it in self.items]
-            self.result.frames = dict(self.frames)
             self.result.passes = self.pass_no
             self.result.duration_s = time.monotonic() - self._t0
             self.trace.event("outcome", ok=self.result.ok, error=self.result.error,
@@ -240,25 +256,28 @@ class Migration:
 
     async def _live(self) -> None:
         live = [it for it in self.items if it.active and it.live]
-        self._live_t0 = time.monotonic()
         if not live:
             return
+        self._sync_t, self._sync_bytes = time.monotonic(), self.ch.conn.bytes_sent
         self._set_phase("bulk")
         for it in live:
             for frames in it.planner.bulk():
                 self._write(frames)
                 await self._drain_if_needed()
                 self._report()
-        await self.ch.drain()
         await asyncio.gather(*(asyncio.to_thread(it.digests.refresh) for it in live))
+        await self._sync()
+        # The bulk rate (large frames) overstates how fast scattered dirty chunks move, so
+        # the first estimate comes from a dirty pass: until then, any pending byte counts.
+        bw = 0.0
         self._set_phase("dirty")
         target = self.opts.downtime_ms / 1000
         small = sum(it.entry.bitmap.serialized_size for it in self.items
                     if it.active and not it.live)
         while True:
+            live = [it for it in live if it.active]
             pending = self._pending() + small
-            bw = self._bandwidth()
-            if pending / bw <= target:
+            if pending == 0 or (bw > 0 and pending / bw <= target):
                 break
             if self.pass_no >= self.opts.max_passes:
                 self.result.forced = True
@@ -272,9 +291,10 @@ class Migration:
                 for first, count in runs:
                     self._write(it.planner.take(first, count))
                     await self._drain_if_needed()
-            await self.ch.drain()
             # Keep leaf hashes fresh so the frozen window rehashes only the last changes.
             await asyncio.gather(*(asyncio.to_thread(it.digests.refresh) for it in live))
+            # The pass's own rate, frames and all, predicts the frozen window best.
+            bw = await self._sync()
             self._report()
 
     async def _complete(self) -> None:

@@ -12,15 +12,19 @@ from bitmig.assembly import Assembly
 from bitmig.channel import Channel, Timeout
 from bitmig.protocol import spec
 from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
-from bitmig.protocol.events import Ack, Bits, Complete, End, Hello, Ready, Start, Zeroes
+from bitmig.protocol.events import Ack, Bits, Complete, End, Hello, Mark, Ready, Start, Zeroes
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import BitmapState, Role
-from bitmig.store import StoredMeta, StoreError
+from bitmig.store import Spool, StoredMeta, StoreError
 
 if TYPE_CHECKING:
     from bitmig.daemon import Daemon
 
 log = logging.getLogger("bitmig.dest")
+
+# Bytes spooled to disk between background fsyncs (and leaf-hash refreshes): keeps the
+# work left for the frozen window small without syncing every frame.
+SYNC_EVERY = 32 << 20
 
 
 class Receiver:
@@ -32,7 +36,8 @@ class Receiver:
         self.ch = Channel(reader, writer, Role.DESTINATION, daemon.trace, daemon.io_timeout)
         self.assemblies: dict[int, Assembly] = {}
         self.reserved: dict[int, tuple[str, str]] = {}
-        self.budget_held = 0
+        self.spools: dict[int, Spool] = {}
+        self.background: dict[int, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         ch, d = self.ch, self.daemon
@@ -57,6 +62,12 @@ class Receiver:
                     await self._start(ev)
                 elif t is Complete:
                     await self._complete(ev)
+                elif t is Mark:
+                    # Everything before the mark is applied: echo it, so the source can
+                    # measure real throughput; then flush and rehash in the background, so
+                    # a frozen window that may follow has little left to do.
+                    await ch.send(Mark(ev.seq))
+                    self._flush_all()
                 elif t is End:
                     await ch.send(End())
                     break
@@ -85,6 +96,13 @@ class Receiver:
         asm = self.assemblies.pop(bid, None)
         if asm is not None:
             self.daemon.release_budget(asm.bitmap.serialized_size)
+        task = self.background.pop(bid, None)
+        spool = self.spools.pop(bid, None)
+        if spool is not None:
+            if task is not None and not task.done():
+                task.add_done_callback(lambda _t: spool.abort())
+            else:
+                spool.abort()
         key = self.reserved.pop(bid, None)
         if key is not None:
             self.daemon.reserved.discard(key)
@@ -115,8 +133,13 @@ class Receiver:
         self.reserved[ev.id] = key
         try:
             self.assemblies[ev.id] = await asyncio.to_thread(Assembly, ev)
+            if d.store is not None:
+                self.spools[ev.id] = d.store.begin(ev.node, ev.name, size)
         except (ValueError, MemoryError) as e:
             await self._refuse(RemoteProtocolError(ErrorCode.LIMIT, str(e), ev.id))
+            return
+        except StoreError as e:
+            await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
             return
         await self.ch.send(Ready(ev.id))
 
@@ -124,12 +147,48 @@ class Receiver:
         asm = self.assemblies.get(ev.id)
         if asm is None:
             return  # in flight when this side failed the bitmap: discarded
+        spool = self.spools.get(ev.id)
+        if spool is not None and type(ev) is Zeroes and not asm.received[
+                ev.first : ev.first + ev.count].any():
+            spool = None  # the spool file starts as zeroes: nothing to write
         asm.apply(ev)
+        if spool is None:
+            return
+        bm = asm.bitmap
+        try:
+            spool.write(ev.first * bm.chunk_size, bm.serialize(ev.first, ev.count))
+        except StoreError as e:
+            raise RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id) from None
+        task = self.background.get(ev.id)
+        if spool.unsynced >= SYNC_EVERY and (task is None or task.done()):
+            self.background[ev.id] = asyncio.create_task(asyncio.to_thread(
+                self._sync, spool, asm))
+
+    def _flush_all(self) -> None:
+        for bid, asm in self.assemblies.items():
+            task = self.background.get(bid)
+            spool = self.spools.get(bid)
+            if spool is not None and (task is None or task.done()):
+                self.background[bid] = asyncio.create_task(
+                    asyncio.to_thread(self._sync, spool, asm))
+
+    @staticmethod
+    def _sync(spool: Spool, asm: Assembly) -> None:
+        spool.sync()
+        asm.digests.refresh()
 
     async def _complete(self, ev: Complete) -> None:
         asm = self.assemblies.get(ev.id)
         if asm is None:
             return
+        task = self.background.pop(ev.id, None)
+        if task is not None:
+            try:
+                await task
+            except StoreError as e:
+                await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
+                return
+        t0 = time.monotonic()
         try:
             digest = asm.verify(ev)
         except RemoteProtocolError as e:
@@ -138,8 +197,9 @@ class Receiver:
         s = asm.start
         meta = StoredMeta(s.node, s.name, s.disk_size, s.granularity, s.chunk_size, s.enabled,
                           s.persistent, asm.bitmap.count(), digest, time.time(), self.ch.peer)
+        t1 = time.monotonic()
         try:
-            await self.daemon.commit(meta, asm.bitmap)
+            await self.daemon.commit(meta, asm.bitmap, self.spools.pop(ev.id, None))
         except StoreError as e:
             await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
             return
@@ -150,4 +210,5 @@ class Receiver:
         if self.ch.conn.bitmap_state(ev.id) is BitmapState.COMPLETING:
             await self.ch.send(Ack(ev.id, digest))
             self.daemon.trace.event("stored", bitmap=f"{s.node}/{s.name}", digest=digest.hex(),
-                                    count=asm.bitmap.count())
+                                    count=asm.bitmap.count(), verify_ms=(t1 - t0) * 1000,
+                                    store_ms=(time.monotonic() - t1) * 1000)

@@ -93,31 +93,19 @@ class Store:
     def exists(self, node: str, name: str) -> bool:
         return self.path(node, name).exists()
 
+    def begin(self, node: str, name: str, size: int) -> Spool:
+        """A temp file that receives a bitmap's data while it arrives (see Spool)."""
+        return Spool(self, self.path(node, name), size)
+
     def save(self, meta: StoredMeta, bitmap: DirtyBitmap) -> Path:
-        """Write atomically and durably. Raises StoreError; leaves no file that looks valid."""
-        final = self.path(meta.node, meta.name)
-        tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
-        header = msgpack.packb(meta.__dict__, use_bin_type=True)
-        if 12 + len(header) > DATA_OFFSET:
-            raise StoreError("bitmap header too large")
+        """Write a whole bitmap atomically and durably. Raises StoreError."""
+        spool = self.begin(meta.node, meta.name, bitmap.serialized_size)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                head = MAGIC + len(header).to_bytes(4, "little") + header
-                os.pwrite(fd, head.ljust(DATA_OFFSET, b"\0"), 0)
-                data = memoryview(bitmap.words).cast("B")
-                off = 0
-                while off < data.nbytes:
-                    off += os.pwrite(fd, data[off : off + (64 << 20)], DATA_OFFSET + off)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-            _fsync_dir(self.dir)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise StoreError(f"cannot store {meta.node}/{meta.name} in {self.dir}: {e}") from e
-        return final
+            spool.write(0, memoryview(bitmap.words).cast("B"))
+            return spool.commit(meta)
+        except StoreError:
+            spool.abort()
+            raise
 
     def remove(self, node: str, name: str) -> None:
         self.path(node, name).unlink(missing_ok=True)
@@ -160,3 +148,64 @@ class Store:
             except (StoreError, OSError, ValueError) as e:
                 bad.append(str(e))
         return good, bad
+
+
+class Spool:
+    """A bitmap file under construction: data written as it arrives, synced in the
+    background, committed by header + fsync + rename. Until commit it exists only under
+    a temporary name, which no loader ever reads as a bitmap."""
+
+    def __init__(self, store: Store, final: Path, size: int) -> None:
+        self.final = final
+        self.dir = store.dir
+        self.tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
+        self.unsynced = 0
+        try:
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(self.fd, DATA_OFFSET + size)
+        except OSError as e:
+            self.tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot create {self.tmp}: {e}") from e
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write serialized bytes at `offset` of the bitmap data."""
+        try:
+            done = 0
+            while done < data.nbytes:
+                done += os.pwrite(self.fd, data[done : done + (64 << 20)],
+                                  DATA_OFFSET + offset + done)
+        except OSError as e:
+            raise StoreError(f"cannot write {self.tmp}: {e}") from e
+        self.unsynced += data.nbytes
+
+    def sync(self) -> None:
+        """Flush what was written so far (called from a worker thread during the stream,
+        so the fsync inside the frozen window has little left to do)."""
+        self.unsynced = 0
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise StoreError(f"cannot sync {self.tmp}: {e}") from e
+
+    def commit(self, meta: StoredMeta) -> Path:
+        header = msgpack.packb(meta.__dict__, use_bin_type=True)
+        if 12 + len(header) > DATA_OFFSET:
+            raise StoreError("bitmap header too large")
+        head = MAGIC + len(header).to_bytes(4, "little") + header
+        try:
+            os.pwrite(self.fd, head.ljust(DATA_OFFSET, b"\0"), 0)
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.rename(self.tmp, self.final)
+            _fsync_dir(self.dir)
+        except OSError as e:
+            self.abort()
+            raise StoreError(f"cannot store {meta.node}/{meta.name} in {self.dir}: {e}") from e
+        return self.final
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)

@@ -211,8 +211,9 @@ def add_trace_parser(sub: Any, formatter: Any) -> None:
                    help="print totals like `bitmig trace summary`")
     c.add_argument("--summary-json", dest="json", action="store_true",
                    help="with --summary: print the summary as JSON")
-    c.set_defaults(func=_quiet_pipe(cmd_pcap), mode="json", kind=None, bitmap=None,
-                   since=None, until=None)
+    c.add_argument("--kind", action="append", help="with --show: only this kind (repeatable)")
+    c.set_defaults(func=_quiet_pipe(cmd_pcap), mode="json", bitmap=None, since=None,
+                   until=None)
     pl = tsub.add_parser("plot", formatter_class=formatter,
                          help="plot pending dirty bytes, bytes sent, passes (PNG)")
     pl.add_argument("path")

@@ -111,7 +111,7 @@ async def test_several_bitmaps_and_a_duplicate_name(tmp_path: Path) -> None:
 
 
 async def test_mutations_after_handoff_name_the_new_owner(tmp_path: Path) -> None:
-    dest, port = await dest_daemon(tmp_path)
+    _dest, port = await dest_daemon(tmp_path)
     src = Daemon("source")
     src.registry.add("n", "b", 1 << 30, 65536)
     result = await src.migrate("127.0.0.1", port)
@@ -151,7 +151,7 @@ async def test_failed_migration_keeps_the_source_bitmap_and_held_mutations(
 
 
 async def test_destination_refuses_when_state_dir_is_unwritable(tmp_path: Path) -> None:
-    dest, port = await dest_daemon(tmp_path)
+    _dest, port = await dest_daemon(tmp_path)
     (tmp_path / "dest" / "bitmaps").chmod(0o500)
     try:
         src = Daemon("source")

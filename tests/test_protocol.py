@@ -204,13 +204,13 @@ def test_sender_side_is_checked_too() -> None:
 
 
 def test_truncated_stream_and_early_close() -> None:
-    s, d = opened()
+    _s, d = opened()
     data = encode_bytes(START)
     d.receive_data(data[:-3])
     with pytest.raises(RemoteProtocolError, match="inside a frame") as e:
         d.receive_eof()
     assert e.value.code is ErrorCode.TRUNCATED
-    s2, d2 = opened()
+    _s2, d2 = opened()
     with pytest.raises(RemoteProtocolError) as e:
         d2.receive_eof()
     assert e.value.code is ErrorCode.CLOSED

@@ -31,11 +31,11 @@ COMPARED = ("dir", "kind", "bytes", "fields", "payload_len", "payload_crc32")
 
 
 def capture_tool() -> list[str] | None:
-    """The capture command (without output and filter), or None with no tool."""
+    """The capture command, to be followed by the filter, or None with no tool."""
     if shutil.which("tcpdump"):
         return ["tcpdump", "-i", "lo", "-U", "-n", "--immediate-mode", "-B", "32768", "-s", "0"]
     if shutil.which("dumpcap"):
-        return ["dumpcap", "-i", "lo", "-q", "--immediate-mode"  , "-s", "0"]
+        return ["dumpcap", "-i", "lo", "-q", "-B", "32", "-s", "0", "-f"]
     return None
 
 
@@ -56,8 +56,8 @@ async def capture_migration(tmp: Path, *, disk_size: int = 2 << 40, write_rate: 
     src_trace, dst_trace, cap = tmp / "src.jsonl", tmp / "dst.jsonl", tmp / "mig.pcap"
     dest = Daemon("destination", str(tmp / "state"), str(dst_trace))
     _, port = await dest.listen("127.0.0.1", 0)
-    err = open(tmp / "capture.err", "w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*cmd, "-w", str(cap), f"tcp port {port}"],
+    err = open(tmp / "capture.err", "w+")
+    proc = subprocess.Popen([*cmd[:1], "-w", str(cap), *cmd[1:], f"tcp port {port}"],
                             stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 10

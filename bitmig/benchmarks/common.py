@@ -44,6 +44,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem,
         "kernel": platform.release(), "python": platform.python_version(),
         "numpy": np.__version__, "msgpack": ".".join(map(str, msgpack.version)),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "state_dir_fs": "tmpfs" if state_root() == "/dev/shm" else "disk",
     }
 
@@ -89,9 +90,15 @@ def random_words(nbytes: int, p: float, seed: int = 1) -> np.ndarray:
 
 
 def bitmap_of(nbytes: int, p: float, granularity: int = GRAN, seed: int = 1,
-              chunk_size: int = 1024) -> DirtyBitmap:
+              chunk_size: int = 1024, disk_size: int | None = None) -> DirtyBitmap:
+    """A bitmap of `nbytes` serialized bytes (disk_size defaults to exactly that many
+    bits) with bits set at probability p; bits past the end of the disk are cleared."""
+    disk = disk_size or nbytes * 8 * granularity
     words = random_words(nbytes, p, seed)
-    return DirtyBitmap(nbytes * 8 * granularity, granularity, chunk_size, words=words)
+    nbits = -(-disk // granularity)
+    if nbits % 64:
+        words[-1] &= np.uint64((1 << (nbits % 64)) - 1)
+    return DirtyBitmap(disk, granularity, chunk_size, words=words)
 
 
 def proc_status(pid: int | str = "self") -> dict[str, int]:

@@ -44,9 +44,11 @@ class RateLimitProxy:
     async def close(self) -> None:
         if self.server:
             self.server.close()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.tasks:  # both ends close after the migration: let the pumps see EOF
+            _, late = await asyncio.wait(self.tasks, timeout=2)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         sock = cw.get_extra_info("socket")
@@ -58,6 +60,8 @@ class RateLimitProxy:
             self.tasks.add(t)
         try:
             await asyncio.gather(self._pump(cr, uw, True), self._pump(ur, cw, False))
+        except asyncio.CancelledError:
+            pass  # closed by close(): nothing left to forward
         finally:
             for w in (uw, cw):
                 w.close()

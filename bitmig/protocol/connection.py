@@ -7,6 +7,7 @@ a clock or a bitmap; the daemons are thin adapters that move its bytes.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,6 +72,8 @@ class Connection:
         self.observer = observer
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.frames_sent: Counter[str] = Counter()  # by kind name
+        self.frames_received: Counter[str] = Counter()
         self._buf = bytearray()
         self._pos = 0  # start of unparsed bytes in _buf
 
@@ -104,6 +107,7 @@ class Connection:
                 self._pos = end
                 self._check(event, self.role.peer, RemoteProtocolError)
                 self.bytes_received += prefix + n
+                self.frames_received[event.KIND.name.lower()] += 1
                 if self.observer:
                     self.observer("recv", event, prefix + n)
                 events.append(event)
@@ -126,9 +130,9 @@ class Connection:
                 f"stream ended inside a frame ({len(self._buf) - self._pos} bytes buffered)",
             )
         if self.state not in (ConnState.CLOSED, ConnState.FAILED):
-            self.state = ConnState.FAILED
+            state, self.state = self.state, ConnState.FAILED
             raise RemoteProtocolError(
-                ErrorCode.CLOSED, f"peer closed the connection in state {self.state.value}"
+                ErrorCode.CLOSED, f"peer closed the connection in state {state.value}"
             )
 
     @property
@@ -144,6 +148,7 @@ class Connection:
         out = encode(event)
         n = sum(memoryview(b).nbytes for b in out)
         self.bytes_sent += n
+        self.frames_sent[event.KIND.name.lower()] += 1
         if self.observer:
             self.observer("send", event, n)
         return out
@@ -153,9 +158,11 @@ class Connection:
         bitmap_id = exc.bitmap_id if exc.code in spec.BITMAP_ERRORS else None
         event = Error(str(exc.code), exc.message[: spec.MAX_MESSAGE_BYTES // 4], bitmap_id)
         out = encode(event)
-        self.bytes_sent += sum(memoryview(b).nbytes for b in out)
+        n = sum(memoryview(b).nbytes for b in out)
+        self.bytes_sent += n
+        self.frames_sent["error"] += 1
         if self.observer:
-            self.observer("send", event, sum(memoryview(b).nbytes for b in out))
+            self.observer("send", event, n)
         if bitmap_id is None:
             self.state = ConnState.FAILED
         elif bitmap_id in self.bitmaps:
@@ -177,6 +184,8 @@ class Connection:
             )
         if kind is Kind.HELLO:
             self._on_hello(event, sender, err)
+        elif kind is Kind.MARK:
+            pass  # no bitmap involved; the destination echoes it when it gets there
         elif kind is Kind.END:
             busy = [i for i, g in self.bitmaps.items() if g.state in OPEN_BITMAP_STATES]
             if busy:

@@ -84,8 +84,14 @@ class End:
     KIND: ClassVar[Kind] = Kind.END
 
 
-Event = Hello | Start | Ready | Bits | Zeroes | Complete | Ack | Error | End
+@dataclass(frozen=True, slots=True)
+class Mark:
+    KIND: ClassVar[Kind] = Kind.MARK
+    seq: int
+
+
+Event = Hello | Start | Ready | Bits | Zeroes | Complete | Ack | Error | End | Mark
 
 EVENT_TYPES: dict[Kind, type] = {
-    cls.KIND: cls for cls in (Hello, Start, Ready, Bits, Zeroes, Complete, Ack, Error, End)
+    cls.KIND: cls for cls in (Hello, Start, Ready, Bits, Zeroes, Complete, Ack, Error, End, Mark)
 }

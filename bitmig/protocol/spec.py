@@ -40,7 +40,7 @@ MAX_GRANULARITY = 1 << 31
 MIN_CHUNK_SIZE = 8  # one 64-bit word: the serialized form is word based
 MAX_CHUNK_SIZE = MiB
 DIGEST_BYTES = 32
-DIGEST_BLOCK = 64 * KiB  # serialized bytes per leaf of the tree digest
+DIGEST_BLOCK = 4 * KiB  # serialized bytes per leaf of the tree digest (small: cheap to rehash)
 MAX_ID = (1 << 32) - 1
 MAX_U64 = (1 << 64) - 1
 
@@ -57,6 +57,7 @@ class Kind(IntEnum):
     ACK = 7
     ERROR = 8
     END = 9
+    MARK = 10
 
 
 class Encoding(IntEnum):
@@ -208,6 +209,7 @@ FIELDS: dict[Kind, tuple[Field, ...]] = {
         Field("id", int, 0, MAX_ID, required=False),
     ),
     Kind.END: (),
+    Kind.MARK: (Field("seq", int, 0, MAX_U64),),
 }
 
 KIND_FIELD = "kind"

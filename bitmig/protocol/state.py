@@ -47,7 +47,8 @@ CONNECTION: dict[tuple[ConnState, Role, Kind], ConnState] = {
     (ConnState.GREETED, D, Kind.HELLO): ConnState.OPEN,
     **{(ConnState.OPEN, S, k): ConnState.OPEN for k in (Kind.START, Kind.BITS, Kind.ZEROES,
                                                           Kind.COMPLETE)},
-    **{(ConnState.OPEN, D, k): ConnState.OPEN for k in (Kind.READY, Kind.ACK)},
+    **{(ConnState.OPEN, D, k): ConnState.OPEN for k in (Kind.READY, Kind.ACK, Kind.MARK)},
+    (ConnState.OPEN, S, Kind.MARK): ConnState.OPEN,
     (ConnState.OPEN, S, Kind.END): ConnState.ENDING,
     (ConnState.ENDING, D, Kind.END): ConnState.CLOSED,
 }

@@ -1,0 +1,41 @@
+"""`bitmig trace plot`: a PNG from a real trace, with something drawn on it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bitmig.plot import series
+from bitmig.tracetools import read_trace
+
+pytest.importorskip("matplotlib")
+
+
+def test_plot_from_demo_trace(tmp_path: Path) -> None:
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    trace, png = tmp_path / "t.jsonl", tmp_path / "t.png"
+    subprocess.run([sys.executable, "-m", "bitmig", "demo", "--json", "--trace", str(trace),
+                    "--disk-size", "2T", "--dirty", "0.002", "--write-rate", "300000",
+                    "--downtime-ms", "1", "--max-passes", "3"], capture_output=True, check=True,
+                   timeout=120)
+    s = series(read_trace(str(trace)))
+    assert len(s["passes"]) == 3 and len(s["frozen"]) == 1 and s["pend_t"]
+    assert s["frozen"][0][1] > s["frozen"][0][0]
+    out = subprocess.run([sys.executable, "-m", "bitmig", "trace", "plot", str(trace), "-o",
+                          str(png)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    img = mpimg.imread(str(png))
+    assert img.shape[0] >= 400 and img.shape[1] >= 800
+    rgb = img[..., :3]
+    assert (rgb < 0.95).any(axis=2).mean() > 0.02  # not blank
+    # the plotted colours are there: blue sent line, red pending, orange frozen shading
+    def near(c: tuple[float, float, float]) -> int:
+        return int((np.abs(rgb - np.array(c)).sum(axis=2) < 0.15).sum())
+    assert near((0.122, 0.467, 0.706)) > 50  # tab:blue
+    assert near((0.839, 0.153, 0.157)) > 50  # tab:red
+    assert near((0.992, 0.827, 0.659)) > 500  # tab:orange at alpha 0.3 over white
