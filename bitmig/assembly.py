@@ -35,7 +35,8 @@ class Assembly:
             raw = bm.chunk_bytes(first, count)
             try:
                 words = encodings.decode(frame.enc, frame.data, raw)
-                bm.deserialize(first, count, words)
+                fresh = not self.received[first : first + count].any()
+                bm.deserialize(first, count, words, fresh)
             except ValueError as e:
                 raise RemoteProtocolError(ErrorCode.BAD_PAYLOAD, str(e), frame.id) from None
         self.received[first : first + count] = True

@@ -319,9 +319,10 @@ class DirtyBitmap:
             out[full] = self.words[full * self.chunk_words :].any()
         return out
 
-    def _store(self, first: int, count: int, new: np.ndarray | int) -> None:
+    def _store(self, first: int, count: int, new: np.ndarray | int, fresh: bool = False) -> None:
         seg = self.chunk_words_view(first, count)
-        before = int(np.bitwise_count(seg).sum())
+        # `fresh`: the caller knows these chunks are still all zero (never written).
+        before = 0 if fresh else int(np.bitwise_count(seg).sum())
         seg[:] = new
         if first + count == self.nchunks:
             seg[-1] &= self._tail_mask  # padding bits past the last cluster stay zero
@@ -331,7 +332,7 @@ class DirtyBitmap:
             if t is not self.meta:
                 t.flags[lo >> t.shift : ((lo + seg.size - 1) >> t.shift) + 1] = True
 
-    def deserialize(self, first: int, count: int, data: Buffer) -> None:
+    def deserialize(self, first: int, count: int, data: Buffer, fresh: bool = False) -> None:
         """Overwrite chunks [first, first + count) with serialized bytes."""
         expect = self.chunk_bytes(first, count)
         src = np.frombuffer(data, dtype=WORD)
@@ -340,7 +341,7 @@ class DirtyBitmap:
                              f"got {src.nbytes}")
         if first + count == self.nchunks and int(src[-1]) & ~int(self._tail_mask):
             raise ValueError("bits set past the end of the disk")
-        self._store(first, count, src)
+        self._store(first, count, src, fresh)
 
     def deserialize_zeroes(self, first: int, count: int) -> None:
         self._store(first, count, 0)

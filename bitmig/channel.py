@@ -45,7 +45,10 @@ class Channel:
 
     def write(self, event: Event) -> None:
         """Queue a frame; payload views are copied into the transport before this returns."""
-        self.writer.writelines(self.conn.send(event))
+        # One write per buffer: writelines would join header and payload into a new
+        # bytes object (a full copy of every payload) before sending.
+        for buf in self.conn.send(event):
+            self.writer.write(buf)
 
     async def drain(self, what: str = "the peer to accept data") -> None:
         try:

@@ -24,6 +24,16 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get("BITMIG_" + name.upper().replace("-", "_"), default)
 
 
+def _env_flag(name: str) -> bool:
+    """A boolean environment variable: 1/true/yes/on are true, 0/false/no/off/empty false."""
+    v = str(_env(name, "")).strip().lower()
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    if v in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"bitmig: BITMIG_{name.upper()} must be 1/0, true/false, yes/no or on/off")
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -57,6 +67,22 @@ def _add_common(p: argparse.ArgumentParser, side: str) -> None:
                    defaults.CONNECT_TIMEOUT)), help="seconds to connect and exchange hello")
     p.add_argument("--metrics", type=_hostport, default=_env("metrics", None), metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP at HOST:PORT/metrics")
+
+
+def _add_tls(p: argparse.ArgumentParser, client: bool) -> None:
+    g = p.add_argument_group(
+        "mutual TLS", "give --tls-cert, --tls-key and --tls-ca together (or none): both "
+        "sides present a certificate signed by the CA and verify the other's against it")
+    g.add_argument("--tls-cert", default=_env("tls_cert", None), metavar="PEM",
+                   help="this daemon's certificate (chain), PEM")
+    g.add_argument("--tls-key", default=_env("tls_key", None), metavar="PEM",
+                   help="the private key of --tls-cert, PEM")
+    g.add_argument("--tls-ca", default=_env("tls_ca", None), metavar="PEM",
+                   help="CA certificate(s) the peer's certificate must chain to, PEM")
+    if client:
+        g.add_argument("--tls-server-name", default=_env("tls_server_name", None),
+                       metavar="NAME", help="name the destination's certificate must carry "
+                       "(default: the host connected to, DNS name or IP address)")
 
 
 def _add_migration_opts(p: argparse.ArgumentParser) -> None:
@@ -103,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "memory_budget", defaults.MEMORY_BUDGET))),
         help="bytes of bitmaps rebuilt at once; a start beyond it is refused with 'limit'")
     d.add_argument("--insecure", action="store_true",
-                   default=bool(_env("insecure", "")),
+                   default=_env_flag("insecure"),
                    help="allow listening on a non-loopback address without TLS")
+    _add_tls(d, client=False)
     _add_common(d, "dest")
     _add_migration_opts(d)
 
@@ -127,10 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--migrate-to", type=_hostport, default=None, metavar="HOST:PORT",
                    help="migrate every owned bitmap there at start, print the result as JSON "
                    "and exit 0 when all were acknowledged (1 otherwise)")
+    s.add_argument("--state-dir", default=_env("state_dir", None),
+                   help="keep owned bitmaps here: loaded at start, stored at exit (so a "
+                   "failed migration loses nothing); none: bitmaps live in memory only")
     s.add_argument("--retries", type=int, default=int(_env("retries", defaults.RETRIES)),
                    help="attempts for --migrate-to before giving up")
     s.add_argument("--retry-delay", type=float, default=float(_env("retry_delay",
                    defaults.RETRY_DELAY)), help="seconds before the first retry; doubles")
+    _add_tls(s, client=True)
     _add_common(s, "source")
     _add_migration_opts(s)
 
@@ -230,7 +261,10 @@ def cmd_ctl(a: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             args[k] = v
     try:
-        print(json.dumps(call(a.socket, a.cmd, **args), indent=2))
+        result = call(a.socket, a.cmd, **args)
+        print(json.dumps(result, indent=2))
+        if a.cmd == "migrate" and not result.get("ok"):
+            return 1  # the command worked, the migration did not: scripts must see that
     except RegistryError as e:
         print(f"bitmig ctl: {e.code}: {e}", file=sys.stderr)
         return 1
@@ -241,15 +275,24 @@ def cmd_ctl(a: argparse.Namespace) -> int:
 
 
 def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
-    return None, None
+    """(server, client) SSL contexts from the --tls-* options, or (None, None) without
+    them. Raises TLSConfigError when only some are given or a file is unusable."""
+    from bitmig.tls import contexts
+
+    return contexts(a.tls_cert, a.tls_key, a.tls_ca, getattr(a, "tls_server_name", None))
 
 
 async def _run_dest(a: argparse.Namespace) -> int:
     from bitmig.daemon import Daemon, is_loopback
     from bitmig.store import StoreError
+    from bitmig.tls import TLSConfigError
 
     host, port = a.listen
-    server_ssl, _ = _tls(a)
+    try:
+        server_ssl, _ = _tls(a)
+    except TLSConfigError as e:
+        print(f"bitmig dest: {e}", file=sys.stderr)
+        return 2
     if not is_loopback(host) and server_ssl is None and not a.insecure:
         print(f"bitmig dest: refusing to listen on {host} without TLS; pass --insecure to "
               "allow plain TCP on a non-loopback address", file=sys.stderr)
@@ -281,16 +324,31 @@ def _stop_on_signals(daemon: Any) -> None:
 async def _run_source(a: argparse.Namespace) -> int:
     from bitmig.daemon import Daemon
     from bitmig.registry import RegistryError
+    from bitmig.tls import TLSConfigError
     from bitmig.workload import Workload
 
-    _, client_ssl = _tls(a)
-    daemon = Daemon("source", None, a.trace, _options(a), io_timeout=a.io_timeout,
-                    connect_timeout=a.connect_timeout, client_ssl=client_ssl)
+    try:
+        _, client_ssl = _tls(a)
+    except TLSConfigError as e:
+        print(f"bitmig source: {e}", file=sys.stderr)
+        return 2
+    from bitmig.store import StoreError
+
+    try:
+        daemon = Daemon("source", a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
+                        connect_timeout=a.connect_timeout, client_ssl=client_ssl)
+    except StoreError as e:
+        print(f"bitmig source: {e}", file=sys.stderr)
+        return 2
     for spec_ in a.create:
         node, sep, name = spec_.partition("/")
         if not sep:
             print(f"bitmig source: --create wants NODE/NAME, got {spec_!r}", file=sys.stderr)
             return 2
+        if (node, name) in daemon.stored:
+            print(f"bitmig source: {node}/{name} loaded from {a.state_dir}; not created again",
+                  file=sys.stderr)
+            continue
         try:
             e = daemon.registry.add(node, name, a.disk_size, a.granularity, a.chunk_size)
         except RegistryError as err:

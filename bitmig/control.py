@@ -95,7 +95,12 @@ async def _add(d: Daemon, req: dict[str, Any]) -> Any:
 
 @command("remove")
 async def _remove(d: Daemon, req: dict[str, Any]) -> Any:
-    return d.registry.remove(*_key(req)).describe()
+    node, name = _key(req)
+    entry = d.registry.remove(node, name)
+    if d.store is not None:
+        d.store.remove(node, name)
+        d.stored.pop((node, name), None)
+    return entry.describe()
 
 
 @command("set")

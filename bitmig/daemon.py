@@ -12,17 +12,18 @@ import ipaddress
 import logging
 import os
 import ssl as ssl_mod
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bitmig import defaults
+from bitmig import defaults, tls
 from bitmig.bitmap import DirtyBitmap
 from bitmig.migration import Migration, MigrationOptions, MigrationResult
 from bitmig.receiver import Receiver
 from bitmig.registry import Entry, Ownership, Registry, RegistryError
-from bitmig.store import Spool, Store, StoredMeta
+from bitmig.store import Spool, Store, StoredMeta, StoreError
 from bitmig.trace import Trace
 
 log = logging.getLogger("bitmig")
@@ -115,10 +116,13 @@ class Daemon:
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            # TLS is started here, not by start_server, so that a failed handshake is
+            # seen (logged, counted, traced) rather than dropped silently by asyncio.
+            if self.server_ssl is not None and not await tls.accept(self, w, self.server_ssl):
+                return
             await Receiver(self, r, w).run()
 
-        server = await asyncio.start_server(handle, host, port, ssl=self.server_ssl,
-                                            limit=1 << 20)
+        server = await asyncio.start_server(handle, host, port, limit=1 << 20)
         self._servers.append(server)
         addr = server.sockets[0].getsockname()
         self.trace.event("listening", host=addr[0], port=addr[1])
@@ -136,6 +140,25 @@ class Daemon:
     def stop(self) -> None:
         self._stopped.set()
 
+    def persist(self) -> int:
+        """Store every bitmap this daemon still owns (at shutdown): bitmaps created here,
+        mutated after they arrived, or kept after a failed migration survive a restart.
+        Returns the number stored."""
+        if self.store is None:
+            return 0
+        from bitmig.digest import tree_digest
+
+        n = 0
+        for e in self.registry.owned():
+            bm = e.bitmap
+            meta = StoredMeta(e.node, e.name, bm.disk_size, bm.granularity, bm.chunk_size,
+                              e.enabled, e.persistent, bm.count(), tree_digest(bm.words.data),
+                              time.time(), "local")
+            self.store.save(meta, bm)
+            self.stored[(e.node, e.name)] = meta
+            n += 1
+        return n
+
     async def close(self) -> None:
         for s in self._servers:
             s.close()
@@ -144,6 +167,10 @@ class Daemon:
                 await asyncio.wait_for(s.wait_closed(), 2)
             except TimeoutError:
                 pass
+        try:
+            await asyncio.to_thread(self.persist)
+        except StoreError as e:
+            log.error("could not store owned bitmaps at shutdown: %s", e)
         self.trace.close()
 
     # -- migrating out ----------------------------------------------------------------

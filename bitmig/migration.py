@@ -9,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bitmig import __version__, defaults
+from bitmig import __version__, defaults, tls
 from bitmig.channel import Channel, Timeout
 from bitmig.digest import DigestCache
 from bitmig.planner import Planner
 from bitmig.protocol import spec
-from bitmig.protocol.errors import PeerError, ProtocolError
+from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Ack, Complete, End, Error, Hello, Mark, Ready, Start, Zeroes
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import Role
@@ -222,11 +222,17 @@ class Migration:
         except TimeoutError:
             raise Timeout(f"timed out after {o.connect_timeout:g}s connecting to "
                           f"{self.host}:{self.port}") from None
+        except ssl_mod.SSLError as e:
+            raise tls.before_hello(e, self.host, self.port, True) from None
         writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.ch = Channel(reader, writer, Role.SOURCE, self.trace, o.io_timeout)
-        await self.ch.send(Hello(spec.PROTOCOL_VERSION, spec.MIN_PROTOCOL_VERSION,
-                                 spec.ROLE_SOURCE, spec.CAPABILITIES, f"bitmig/{__version__}"))
-        await self.ch.recv("the destination's hello", o.connect_timeout)
+        try:  # with TLS 1.3 the destination's verdict on our certificate arrives here
+            await self.ch.send(Hello(spec.PROTOCOL_VERSION, spec.MIN_PROTOCOL_VERSION,
+                                     spec.ROLE_SOURCE, spec.CAPABILITIES,
+                                     f"bitmig/{__version__}"))
+            await self.ch.recv("the destination's hello", o.connect_timeout)
+        except (ssl_mod.SSLError, ConnectionError, RemoteProtocolError) as e:
+            raise tls.before_hello(e, self.host, self.port, self.ssl is not None) from None
 
     async def _setup(self) -> None:
         for it in self.items:
@@ -276,8 +282,10 @@ class Migration:
                     if it.active and not it.live)
         while True:
             live = [it for it in live if it.active]
+            if self._pending() == 0:
+                break  # nothing dirty: only the small bitmaps are left for completion
             pending = self._pending() + small
-            if pending == 0 or (bw > 0 and pending / bw <= target):
+            if bw > 0 and pending / bw <= target:
                 break
             if self.pass_no >= self.opts.max_passes:
                 self.result.forced = True

@@ -40,7 +40,7 @@ MAX_GRANULARITY = 1 << 31
 MIN_CHUNK_SIZE = 8  # one 64-bit word: the serialized form is word based
 MAX_CHUNK_SIZE = MiB
 DIGEST_BYTES = 32
-DIGEST_BLOCK = 4 * KiB  # serialized bytes per leaf of the tree digest (small: cheap to rehash)
+DIGEST_BLOCK = 16 * KiB  # serialized bytes per leaf of the tree digest (BLAKE3)
 MAX_ID = (1 << 32) - 1
 MAX_U64 = (1 << 64) - 1
 
@@ -219,4 +219,4 @@ ROLE_SOURCE = "source"
 ROLE_DESTINATION = "destination"
 
 # Capabilities this implementation announces. Unknown capabilities are ignored.
-CAPABILITIES: tuple[str, ...] = ("encodings-v1", "tree-sha256")
+CAPABILITIES: tuple[str, ...] = ("encodings-v1", "tree-blake3")
