@@ -9,6 +9,7 @@ memoryview, not a copy. This module knows nothing of the network.
 from __future__ import annotations
 
 import hashlib
+import mmap
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,21 @@ class GeometryError(ValueError):
 
 class RangeError(ValueError):
     """A byte or chunk range that lies outside the bitmap."""
+
+
+HUGE = 2 << 20  # arrays from this size on are mapped with transparent huge pages
+
+
+def alloc_words(nwords: int) -> np.ndarray:
+    """Zeroed little-endian words. Large arrays come from an anonymous mapping advised for
+    huge pages: faulting in 1 GiB as 4 KiB pages took 0.5-2.3 s here, as 2 MiB pages
+    0.05 s, and page faults during a stream cost more than the copies."""
+    if nwords * 8 < HUGE:
+        return np.zeros(nwords, dtype=WORD)
+    m = mmap.mmap(-1, nwords * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, dtype=WORD)  # the array keeps the mapping alive
 
 
 def check_geometry(disk_size: int, granularity: int, chunk_size: int) -> None:
@@ -110,13 +126,14 @@ class DirtyBitmap:
         self.nbits = bit_count(disk_size, granularity)
         self.nwords = -(-self.nbits // 64)
         self.chunk_words = chunk_size // 8
-        if words is None:
-            words = np.zeros(self.nwords, dtype=WORD)
+        fresh = words is None
+        if fresh:
+            words = alloc_words(self.nwords)
         elif words.dtype != WORD or words.shape != (self.nwords,):
             raise GeometryError(f"words must be {self.nwords} little-endian uint64")
         self.words = words
         self._tail_mask = np.uint64((1 << (self.nbits % 64)) - 1) if self.nbits % 64 else ALL_ONES
-        self._count = int(np.bitwise_count(words).sum()) if words.any() else 0
+        self._count = 0 if fresh else int(np.bitwise_count(words).sum())
         self.meta = ChangeTracker(self.nwords, self.chunk_words)
         self._trackers: list[ChangeTracker] = [self.meta]
 

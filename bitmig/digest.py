@@ -37,11 +37,16 @@ class DigestCache:
         self.stale = bitmap.add_tracker(BLOCK_WORDS)
         self.leaves = np.zeros((self.stale.flags.size, spec.DIGEST_BYTES), dtype=np.uint8)
 
-    def refresh(self) -> int:
-        """Rehash stale blocks. Safe in a worker thread: a block changed while it is
-        hashed is flagged again and rehashed next time. Returns blocks hashed."""
+    def refresh(self, first_word: int = 0, end_word: int | None = None) -> int:
+        """Rehash stale blocks (of the words [first_word, end_word) only, if given). Safe in
+        a worker thread: a block changed while it is hashed is flagged again and rehashed
+        next time. Returns blocks hashed."""
         words = self.bitmap.words
-        todo = self.stale.dirty()
+        if end_word is None:
+            todo = self.stale.dirty()
+        else:
+            lo = first_word // BLOCK_WORDS
+            todo = np.flatnonzero(self.stale.flags[lo : -(-end_word // BLOCK_WORDS)]) + lo
         for i in todo.tolist():
             self.stale.flags[i] = False  # before reading: a concurrent change re-flags it
             block = words[i * BLOCK_WORDS : (i + 1) * BLOCK_WORDS]
