@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 from bitmig import defaults
@@ -63,9 +64,15 @@ class Channel:
     async def recv(self, what: str, timeout: float | None = None) -> Event:
         """The next event from the peer. Error frames raise PeerError."""
         limit = self.io_timeout if timeout is None else timeout
+        # One deadline for the whole frame, not per read: a peer trickling a byte at a
+        # time must not hold the connection (and a partial-frame buffer) forever.
+        deadline = time.monotonic() + limit
         while not self._events:
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), limit)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), left)
             except TimeoutError:
                 raise Timeout(f"timed out after {limit:g}s waiting for {what}") from None
             if not data:

@@ -15,18 +15,33 @@ import ssl as ssl_mod
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bitmig import defaults, tls
+from bitmig.assembly import Assembly
 from bitmig.bitmap import DirtyBitmap
 from bitmig.migration import Migration, MigrationOptions, MigrationResult
+from bitmig.protocol.events import Start
 from bitmig.receiver import Receiver
 from bitmig.registry import Entry, Ownership, Registry, RegistryError
 from bitmig.store import Spool, Store, StoredMeta, StoreError
 from bitmig.trace import Trace
 
 log = logging.getLogger("bitmig")
+
+
+@dataclass
+class Partial:
+    """What a destination keeps of a bitmap whose connection dropped, for a retry."""
+
+    token: bytes
+    start: Start
+    assembly: Assembly
+    spool: Spool | None
+    size: int
+    timer: asyncio.TimerHandle
 
 
 def is_loopback(host: str) -> bool:
@@ -62,6 +77,8 @@ class Daemon:
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
         self.reserved: set[tuple[str, str]] = set()
+        self.partials: dict[tuple[str, str], Partial] = {}
+        self.resume_timeout = defaults.RESUME_TIMEOUT
         self.errors: Counter[str] = Counter()
         self.migrations: list[MigrationResult] = []
         self.active_migration: Migration | None = None
@@ -92,6 +109,57 @@ class Daemon:
             or (self.store is not None and self.store.exists(node, name))
         )
 
+    # -- resume -----------------------------------------------------------------------
+
+    def park(self, start: Start, asm: Assembly, spool: Spool | None, size: int) -> None:
+        """Keep a dropped bitmap's chunks for a retry with the same token (its budget and
+        its name stay taken) until resume_timeout passes."""
+        key = (start.node, start.name)
+        timer = asyncio.get_running_loop().call_later(self.resume_timeout, self._expire, key)
+        self.partials[key] = Partial(start.token or b"", start, asm, spool, size, timer)
+        self.trace.event("parked", bitmap=f"{start.node}/{start.name}",
+                         held_chunks=int(asm.received.sum()))
+
+    def _expire(self, key: tuple[str, str]) -> None:
+        p = self.partials.pop(key, None)
+        if p is None:
+            return
+        p.timer.cancel()
+        if p.spool is not None:
+            p.spool.abort()
+        self.release_budget(p.size)
+        self.reserved.discard(key)
+        self.trace.event("discarded", bitmap=f"{key[0]}/{key[1]}")
+
+    def claim(self, start: Start) -> Partial | None:
+        """The parked chunks of this bitmap, when the start is a retry of the same
+        migration (same token, same geometry); a parked bitmap that does not match is
+        discarded: a fresh start must not be mixed with another attempt's chunks."""
+        key = (start.node, start.name)
+        p = self.partials.get(key)
+        if p is None:
+            return None
+        s = p.start
+        if (start.token is None or start.token != p.token or
+                (s.disk_size, s.granularity, s.chunk_size) !=
+                (start.disk_size, start.granularity, start.chunk_size)):
+            self._expire(key)
+            return None
+        del self.partials[key]
+        p.timer.cancel()
+        return p
+
+    def replaceable(self, start: Start) -> Entry | None:
+        """A bitmap stored here by an earlier attempt of the same migration whose ack was
+        lost: the source still owns it too. It may be replaced by this attempt as long as
+        nothing changed it here since it arrived (its meta bitmap is clean)."""
+        e = self.registry.entries.get((start.node, start.name))
+        meta = self.stored.get((start.node, start.name))
+        if (e is None or meta is None or start.token is None or meta.token != start.token
+                or e.state is not Ownership.OWNED or e.bitmap.meta.count()):
+            return None
+        return e
+
     def take_budget(self, n: int) -> bool:
         if self.budget_used + n > self.memory_budget:
             return False
@@ -104,12 +172,15 @@ class Daemon:
     def count_error(self, code: str) -> None:
         self.errors[str(code)] += 1
 
-    async def commit(self, meta: StoredMeta, bm: DirtyBitmap, spool: Spool | None = None) -> None:
+    async def commit(self, meta: StoredMeta, bm: DirtyBitmap, spool: Spool | None = None,
+                     replace: bool = False) -> None:
         """Store a verified bitmap durably, then own it. Raises StoreError."""
         if spool is not None:
             await asyncio.to_thread(spool.commit, meta)
         elif self.store is not None:
             await asyncio.to_thread(self.store.save, meta, bm)
+        if replace:  # the rename above replaced the stored file; now the registry entry
+            self.registry.entries.pop((meta.node, meta.name), None)
         self._adopt(meta, bm)
 
     # -- serving ----------------------------------------------------------------------

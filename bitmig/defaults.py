@@ -19,6 +19,7 @@ IO_TIMEOUT = 30.0  # seconds any single wait for the peer may take
 ACK_TIMEOUT = 120.0  # seconds the source waits for the acks after complete
 RETRIES = 3  # migration attempts by the source CLI before it gives up
 RETRY_DELAY = 1.0  # seconds before the first retry; doubles each time
+RESUME_TIMEOUT = 300.0  # seconds a destination keeps a dropped bitmap's chunks for a retry
 MEMORY_BUDGET = 8 * (1 << 30)  # bytes of bitmaps a destination rebuilds at once
 DEMO_DISK_SIZE = 16 * (1 << 40)  # 16 TiB -> 32 MiB bitmap
 DEMO_DIRTY = 0.10  # fraction of clusters set before the migration

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl as ssl_mod
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from bitmig import __version__, defaults, tls
 from bitmig.channel import Channel, Timeout
@@ -19,6 +22,7 @@ from bitmig.protocol.events import Ack, Complete, End, Error, Hello, Mark, Ready
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import Role
 from bitmig.registry import Entry, Ownership, Registry
+from bitmig.resume import decode_have
 from bitmig.trace import Trace
 
 WRITE_BUFFER_HIGH = 4 << 20  # bytes queued in the transport before the sender waits
@@ -46,6 +50,7 @@ class BitmapOutcome:
     digest: str = ""  # tree digest sent in complete (hex)
     sha256: str = ""  # QEMU-compatible flat sha256 of the handed-off bitmap (hex)
     serialized_size: int = 0
+    resumed_chunks: int = 0  # chunks the destination already held from an earlier attempt
 
 
 @dataclass
@@ -84,6 +89,13 @@ class _Item:
         self.outcome = BitmapOutcome(entry.node, entry.name, False, self.live,
                                      serialized_size=entry.bitmap.serialized_size)
         self.active = True
+        self.resumed = False
+        # Chunks sent since the destination last confirmed it applied everything (a mark
+        # echo). If the attempt fails, they count as dirty again: a retry that resumes
+        # must resend them, since "sent" is not "received".
+        self.unconfirmed = np.zeros(entry.bitmap.nchunks, dtype=bool)
+        if entry.token is None:  # one token per bitmap until it is handed off: retries share it
+            entry.token = os.urandom(spec.TOKEN_BYTES)
 
 
 class Migration:
@@ -138,6 +150,7 @@ class Migration:
 
     def _write(self, frames: list[Any]) -> None:
         for f in frames:
+            self.items[f.id].unconfirmed[f.first : f.first + f.count] = True
             self.ch.write(f)
             self.result.chunks_sent += f.count
             if type(f) is Zeroes:
@@ -165,6 +178,8 @@ class Migration:
                 continue
             if type(ev) is Mark and ev.seq == self._seq:
                 break
+        for it in self.items:
+            it.unconfirmed[:] = False
         now, sent = time.monotonic(), self.ch.conn.bytes_sent
         bw = (sent - self._sync_bytes) / max(now - self._sync_t, 1e-6)
         self._sync_t, self._sync_bytes = now, sent
@@ -196,6 +211,7 @@ class Migration:
         finally:
             for it in self.items:  # whatever was not acknowledged stays ours, intact
                 if it.entry.state is not Ownership.HANDED_OFF:
+                    it.entry.bitmap.meta.flags |= it.unconfirmed
                     self.registry.thaw(it.entry, None)
                     if it.outcome.error is None and not it.outcome.ok:
                         it.outcome.error = self.result.error or "not acknowledged"
@@ -244,7 +260,7 @@ class Migration:
         for it in self.items:
             e, bm = it.entry, it.entry.bitmap
             self.ch.write(Start(it.id, e.node, e.name, bm.disk_size, bm.granularity,
-                                bm.chunk_size, e.enabled, e.persistent, it.live))
+                                bm.chunk_size, e.enabled, e.persistent, it.live, e.token))
         await self.ch.drain()
         waiting = {it.id: it for it in self.items}
         while waiting:
@@ -256,9 +272,22 @@ class Migration:
                 self._fail_item(waiting.pop(e.bitmap_id), f"{e.code}: {e.message}")
                 continue
             if type(ev) is Ready and ev.id in waiting:
-                waiting.pop(ev.id)
+                it = waiting.pop(ev.id)
+                if ev.have is not None and it.live:
+                    self._resume(it, ev)
         if not any(it.active for it in self.items):
             raise ValueError("the destination refused every bitmap")
+
+    def _resume(self, it: _Item, ready: Ready) -> None:
+        """The destination kept chunks from an earlier attempt: send only what it lacks
+        and what changed here since (the meta bitmap remembers that across attempts)."""
+        bm = it.entry.bitmap
+        have = decode_have(ready.have_enc or 0, ready.have, bm.nchunks, it.id)
+        bm.meta.flags |= ~have
+        it.resumed = True
+        it.outcome.resumed_chunks = int(np.count_nonzero(have))
+        self.trace.event("resume", bitmap=it.entry.key, held_chunks=it.outcome.resumed_chunks,
+                         to_send=bm.meta.count())
 
     def _fail_item(self, it: _Item, why: str) -> None:
         it.active = False
@@ -273,6 +302,8 @@ class Migration:
         self._sync_t, self._sync_bytes = time.monotonic(), self.ch.conn.bytes_sent
         self._set_phase("bulk")
         for it in live:
+            if it.resumed:
+                continue  # its meta bitmap already names every chunk still to send
             cw = it.entry.bitmap.chunk_words
             for frames in it.planner.bulk():
                 self._write(frames)

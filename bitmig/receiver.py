@@ -15,6 +15,8 @@ from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Ack, Bits, Complete, End, Hello, Mark, Ready, Start, Zeroes
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import BitmapState, Role
+from bitmig.registry import Entry
+from bitmig.resume import encode_have
 from bitmig.store import Spool, StoredMeta, StoreError
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ class Receiver:
         self.assemblies: dict[int, Assembly] = {}
         self.reserved: dict[int, tuple[str, str]] = {}
         self.spools: dict[int, Spool] = {}
+        self.replacing: set[int] = set()
         self.background: dict[int, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
@@ -87,9 +90,24 @@ class Receiver:
             d.trace.event("error", peer=ch.peer, code="peer", message=str(e))
         finally:
             for bid in list(self.assemblies):
-                self._drop(bid)
+                self._park_or_drop(bid)
             await ch.close()
             d.trace.flush()
+
+    def _park_or_drop(self, bid: int) -> None:
+        """At the end of the connection: a bitmap cut off mid-stream is kept for a retry
+        (it has a token and was not failed on purpose); anything else is dropped."""
+        asm = self.assemblies.get(bid)
+        state = self.ch.conn.bitmap_state(bid)
+        if (asm is None or asm.start.token is None or bid in self.replacing
+                or state not in (BitmapState.STREAMING, BitmapState.COMPLETING)):
+            self._drop(bid)
+            return
+        self.background.pop(bid, None)  # a running sync finishes on its own
+        spool = self.spools.pop(bid, None)
+        self.assemblies.pop(bid)
+        self.reserved.pop(bid, None)  # the name stays reserved by the parked bitmap
+        self.daemon.park(asm.start, asm, spool, asm.bitmap.serialized_size)
 
     def _drop(self, bid: int) -> None:
         """Forget a bitmap that will not complete: nothing of it was stored."""
@@ -119,6 +137,19 @@ class Receiver:
         d = self.daemon
         key = (ev.node, ev.name)
         size = self.ch.conn.bitmaps[ev.id].serialized_size
+        if ev.token is not None:
+            parked = d.claim(ev)
+            if parked is not None:  # a retry: carry on from what arrived last time
+                self.assemblies[ev.id] = parked.assembly
+                if parked.spool is not None:
+                    self.spools[ev.id] = parked.spool
+                self.reserved[ev.id] = key
+                await self._ready(ev.id, parked.assembly)
+                return
+            old = d.replaceable(ev)
+            if old is not None:
+                await self._restart_from(ev, old, size)
+                return
         if d.holds(ev.node, ev.name):
             await self._refuse(RemoteProtocolError(
                 ErrorCode.EXISTS, f"bitmap {ev.node}/{ev.name} already exists on the "
@@ -142,6 +173,41 @@ class Receiver:
             await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
             return
         await self.ch.send(Ready(ev.id))
+
+    async def _ready(self, bid: int, asm: Assembly) -> None:
+        have = encode_have(asm.received)
+        if have is None:  # too many chunks to list in one frame: start over
+            asm.received[:] = False
+            await self.ch.send(Ready(bid))
+            return
+        self.daemon.trace.event("resume", id=bid, held_chunks=int(asm.received.sum()))
+        await self.ch.send(Ready(bid, have[1], have[0]))
+
+    async def _restart_from(self, ev: Start, old: Entry, size: int) -> None:
+        """The ack of an earlier attempt was lost: rebuild from the stored copy, so the
+        source need only send what changed since, and replace it at completion."""
+        d = self.daemon
+        if not d.take_budget(size):
+            await self._refuse(RemoteProtocolError(
+                ErrorCode.LIMIT, f"bitmap of {size} bytes exceeds the destination's free "
+                                 f"memory budget", ev.id))
+            return
+        asm = Assembly(ev)
+        asm.bitmap.deserialize(0, asm.bitmap.nchunks, old.bitmap.words)
+        asm.received[:] = True
+        self.assemblies[ev.id] = asm
+        self.replacing.add(ev.id)
+        d.reserved.add((ev.node, ev.name))
+        self.reserved[ev.id] = (ev.node, ev.name)
+        if d.store is not None:
+            try:
+                spool = d.store.begin(ev.node, ev.name, size)
+                spool.write(0, memoryview(asm.bitmap.words).cast("B"))
+            except StoreError as e:
+                await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
+                return
+            self.spools[ev.id] = spool
+        await self._ready(ev.id, asm)
 
     def _apply(self, ev: Bits | Zeroes) -> None:
         asm = self.assemblies.get(ev.id)
@@ -196,10 +262,12 @@ class Receiver:
             return
         s = asm.start
         meta = StoredMeta(s.node, s.name, s.disk_size, s.granularity, s.chunk_size, s.enabled,
-                          s.persistent, asm.bitmap.count(), digest, time.time(), self.ch.peer)
+                          s.persistent, asm.bitmap.count(), digest, time.time(), self.ch.peer,
+                          s.token or b"")
         t1 = time.monotonic()
         try:
-            await self.daemon.commit(meta, asm.bitmap, self.spools.pop(ev.id, None))
+            await self.daemon.commit(meta, asm.bitmap, self.spools.pop(ev.id, None),
+                                     replace=ev.id in self.replacing)
         except StoreError as e:
             await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
             return

@@ -41,6 +41,7 @@ class Entry:
     persistent: bool = False
     state: Ownership = Ownership.OWNED
     new_owner: str | None = None
+    token: bytes | None = None  # resume token of this bitmap's migration, kept across retries
     held: list[tuple[str, int, int, asyncio.Future[int]]] = field(default_factory=list)
 
     @property

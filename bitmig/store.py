@@ -51,6 +51,7 @@ class StoredMeta:
     digest: bytes
     stored_at: float
     origin: str
+    token: bytes = b""  # the migration's resume token (lets a retry replace this copy)
 
 
 def file_name(node: str, name: str) -> str:
@@ -68,7 +69,7 @@ def _fsync_dir(path: Path) -> None:
 class Store:
     """The bitmaps a daemon holds durably."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], clean: bool = True) -> None:
         self.dir = Path(root) / "bitmaps"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,9 @@ class Store:
             raise StoreError(f"cannot create state directory {self.dir}: {e}") from e
         if not os.access(self.dir, os.W_OK):
             raise StoreError(f"state directory {self.dir} is not writable")
-        self.removed_temps = self._remove_temps()
+        # Temp files are attempts that never committed; a daemon starting on the directory
+        # discards them (clean=False only inspects, e.g. beside a running daemon).
+        self.removed_temps = self._remove_temps() if clean else 0
 
     def _remove_temps(self) -> int:
         """Temp files are attempts that never committed: they are discarded at start."""

@@ -49,6 +49,9 @@ local f = {
     code = ProtoField.string("bitmig.code", "Error code"),
     message = ProtoField.string("bitmig.message", "Error message"),
     seq = ProtoField.uint64("bitmig.seq", "Mark sequence", base.DEC),
+    token = ProtoField.bytes("bitmig.token", "Resume token"),
+    have = ProtoField.bytes("bitmig.have", "Chunks held (encoded mask)"),
+    have_enc = ProtoField.uint8("bitmig.have_enc", "Encoding of have", base.HEX, ENCODINGS),
     other = ProtoField.string("bitmig.field", "Field"),
 }
 bitmig.fields = f
@@ -139,8 +142,8 @@ local function dissect_frame(tvb, pinfo, tree)
                 if key == "data" then
                     item:add(f.payload_len, range, val):append_text(" bytes")
                     summary[#summary + 1] = "payload=" .. val .. "B"
-                elseif key == "digest" then
-                    item:add(f.digest, tvb(bin_off, val))
+                elseif key == "digest" or key == "token" or key == "have" then
+                    item:add(f[key], tvb(bin_off, val))
                 else
                     item:add(f.other, range, key .. ": <" .. val .. " bytes>")
                 end

@@ -219,6 +219,14 @@ def build() -> None:
                     chunk_size=spec.MIN_CHUNK_SIZE)], OPEN)
     valid("ready", "The destination accepts a started bitmap.", S, [Ready(0)],
           (*OPEN, (S, start())))
+    tok = bytes(range(16))
+    valid("start_with_token", "start carrying a resume token (16 bytes, the same on every "
+          "retry of this bitmap's migration).", D, [start(token=tok)], OPEN)
+    have_mask = np.array([0b1011], dtype="<u8")  # chunks 0, 1 and 3 of 4 are held
+    henc, hdata = encodings.encode(have_mask)
+    valid("ready_resume_have", "ready answering a retry: the destination holds chunks 0, 1 "
+          "and 3 (mask 0b1011 in one 64-bit word, here sent as POSITIONS).", S,
+          [Ready(0, bytes(hdata), int(henc))], (*OPEN, (S, start(token=tok))))
 
     # ---- bits in every encoding (chunk geometry of start())
     rng = np.random.default_rng(1)

@@ -30,12 +30,15 @@ class Start:
     enabled: bool = True
     persistent: bool = False
     live: bool = True
+    token: bytes | None = None  # present: a retry may resume what the destination holds
 
 
 @dataclass(frozen=True, slots=True)
 class Ready:
     KIND: ClassVar[Kind] = Kind.READY
     id: int
+    have: Any = field(default=None, repr=False)  # encoded mask of chunks already held
+    have_enc: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ MAX_CHUNK_SIZE = MiB
 DIGEST_BYTES = 32
 DIGEST_BLOCK = 16 * KiB  # serialized bytes per leaf of the tree digest (BLAKE3)
 MAX_ID = (1 << 32) - 1
+TOKEN_BYTES = 16  # a migration's resume token: the same on every retry of that bitmap
 MAX_U64 = (1 << 64) - 1
 
 
@@ -186,8 +187,14 @@ FIELDS: dict[Kind, tuple[Field, ...]] = {
         Field("enabled", bool),
         Field("persistent", bool),
         Field("live", bool),
+        Field("token", bytes, TOKEN_BYTES, TOKEN_BYTES, required=False),
     ),
-    Kind.READY: (_ID,),
+    Kind.READY: (
+        _ID,
+        Field("have", bytes, 0, MAX_FRAME_PAYLOAD, required=False),
+        Field("have_enc", int, 0, 0xFF, required=False, check=lambda v: v in VALID_ENCODINGS,
+              check_text="a known encoding"),
+    ),
     Kind.BITS: (
         _ID,
         _CHUNK,
