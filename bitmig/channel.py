@@ -14,7 +14,7 @@ from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import Role
 from bitmig.trace import Trace
 
-READ_SIZE = 1 << 20
+READ_SIZE = 4 << 20
 
 
 class Timeout(Exception):

@@ -97,8 +97,11 @@ class Daemon:
 
     def _adopt(self, meta: StoredMeta, bm: DirtyBitmap) -> Entry:
         self.stored[(meta.node, meta.name)] = meta
-        return self.registry.add(meta.node, meta.name, meta.disk_size, meta.granularity,
-                                 meta.chunk_size, meta.enabled, meta.persistent, bitmap=bm)
+        entry = self.registry.add(meta.node, meta.name, meta.disk_size, meta.granularity,
+                                  meta.chunk_size, meta.enabled, meta.persistent, bitmap=bm)
+        entry.unsaved = bm.add_tracker(bm.chunk_words)  # what changes here after storing
+        entry.unsaved.flags[:] = False
+        return entry
 
     def holds(self, node: str, name: str) -> bool:
         """True when a bitmap of that name is owned here, stored here, or arriving."""
@@ -193,7 +196,7 @@ class Daemon:
                 return
             await Receiver(self, r, w).run()
 
-        server = await asyncio.start_server(handle, host, port, limit=1 << 20)
+        server = await asyncio.start_server(handle, host, port, limit=4 << 20)
         self._servers.append(server)
         addr = server.sockets[0].getsockname()
         self.trace.event("listening", host=addr[0], port=addr[1])
@@ -221,10 +224,14 @@ class Daemon:
 
         n = 0
         for e in self.registry.owned():
+            if e.unsaved is not None and not e.unsaved.flags.any():
+                continue  # the stored copy is current: nothing to write
             bm = e.bitmap
             meta = StoredMeta(e.node, e.name, bm.disk_size, bm.granularity, bm.chunk_size,
                               e.enabled, e.persistent, bm.count(), tree_digest(bm.words.data),
                               time.time(), "local")
+            e.unsaved = e.unsaved or bm.add_tracker(bm.chunk_words)
+            e.unsaved.flags[:] = False  # before saving: a change during the save re-flags
             self.store.save(meta, bm)
             self.stored[(e.node, e.name)] = meta
             n += 1

@@ -8,7 +8,7 @@ from enum import Enum
 from typing import Any
 
 from bitmig import defaults
-from bitmig.bitmap import DirtyBitmap
+from bitmig.bitmap import ChangeTracker, DirtyBitmap
 
 
 class Ownership(Enum):
@@ -42,6 +42,7 @@ class Entry:
     state: Ownership = Ownership.OWNED
     new_owner: str | None = None
     token: bytes | None = None  # resume token of this bitmap's migration, kept across retries
+    unsaved: ChangeTracker | None = None  # chunks changed since the stored copy (None: no copy)
     held: list[tuple[str, int, int, asyncio.Future[int]]] = field(default_factory=list)
 
     @property
