@@ -6,7 +6,7 @@ import asyncio
 import os
 import ssl as ssl_mod
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -262,21 +262,27 @@ class Migration:
             self.ch.write(Start(it.id, e.node, e.name, bm.disk_size, bm.granularity,
                                 bm.chunk_size, e.enabled, e.persistent, it.live, e.token))
         await self.ch.drain()
-        waiting = {it.id: it for it in self.items}
+        async for it, ev in self._replies(self.items, Ready, "ready for the started bitmaps"):
+            if ev.have is not None and it.live:
+                self._resume(it, ev)
+        if not any(it.active for it in self.items):
+            raise ValueError("the destination refused every bitmap")
+
+    async def _replies(self, items: list[_Item], kind: type, what: str,
+                       timeout: float | None = None) -> AsyncIterator[tuple[_Item, Any]]:
+        """The destination's `kind` answer for each of `items`, as it arrives. An error
+        frame naming one of them fails that bitmap only; any other error ends the run."""
+        waiting = {it.id: it for it in items}
         while waiting:
             try:
-                ev = await self.ch.recv("ready for the started bitmaps")
+                ev = await self.ch.recv(what, timeout)
             except PeerError as e:
                 if e.bitmap_id not in waiting:
                     raise
                 self._fail_item(waiting.pop(e.bitmap_id), f"{e.code}: {e.message}")
                 continue
-            if type(ev) is Ready and ev.id in waiting:
-                it = waiting.pop(ev.id)
-                if ev.have is not None and it.live:
-                    self._resume(it, ev)
-        if not any(it.active for it in self.items):
-            raise ValueError("the destination refused every bitmap")
+            if type(ev) is kind and ev.id in waiting:
+                yield waiting.pop(ev.id), ev
 
     def _resume(self, it: _Item, ready: Ready) -> None:
         """The destination kept chunks from an earlier attempt: send only what it lacks
@@ -361,27 +367,16 @@ class Migration:
             it.outcome.digest = digest.hex()
             self.ch.write(Complete(it.id, digest, bm.count()))
         await self.ch.drain("the destination to take the final chunks")
-        waiting = {it.id: it for it in active}
-        handed = []
-        while waiting:
-            try:
-                ev = await self.ch.recv("acknowledgements", self.opts.ack_timeout)
-            except PeerError as e:
-                if e.bitmap_id not in waiting:
-                    raise
-                self._fail_item(waiting.pop(e.bitmap_id), f"{e.code}: {e.message}")
+        async for it, ev in self._replies(active, Ack, "acknowledgements",
+                                          self.opts.ack_timeout):
+            if ev.digest.hex() != it.outcome.digest:
+                self.ch.write(Error(ErrorCode.DIGEST_MISMATCH,
+                                    "ack digest differs from the one sent", it.id))
+                self._fail_item(it, "destination acknowledged a different digest")
                 continue
-            if type(ev) is Ack and ev.id in waiting:
-                it = waiting.pop(ev.id)
-                if ev.digest.hex() != it.outcome.digest:
-                    self.ch.write(Error(ErrorCode.DIGEST_MISMATCH,
-                                        "ack digest differs from the one sent", it.id))
-                    self._fail_item(it, "destination acknowledged a different digest")
-                    continue
-                # The acknowledgement is the handoff: from here the destination owns it.
-                self.registry.thaw(it.entry, self.result.destination)
-                it.outcome.ok = True
-                handed.append(it)
-                self.trace.event("handoff", bitmap=it.entry.key, owner=self.result.destination)
+            # The acknowledgement is the handoff: from here the destination owns it.
+            self.registry.thaw(it.entry, self.result.destination)
+            it.outcome.ok = True
+            self.trace.event("handoff", bitmap=it.entry.key, owner=self.result.destination)
         self.result.downtime_ms = (time.monotonic() - t0) * 1000
         self._set_phase("done", downtime_ms=self.result.downtime_ms)

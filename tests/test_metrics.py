@@ -58,7 +58,7 @@ async def test_metrics_scraped_during_migration(tmp_path: Path) -> None:
         assert dest.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(dest.stdout.readline), 30)
         dport = int(line.split()[2].rsplit(":", 1)[1])
-        src = Daemon("source", None, None, MigrationOptions(downtime_ms=0.001, max_passes=8,
+        src = Daemon("source", None, None, MigrationOptions(downtime_ms=0.001, max_passes=40,
                                                             small_threshold=64 << 10))
         sport = (await serve_metrics(src, "127.0.0.1", 0)).sockets[0].getsockname()[1]
         e = src.registry.add("drive0", "b0", 2 << 40, 64 << 10, 1024)
@@ -68,7 +68,10 @@ async def test_metrics_scraped_during_migration(tmp_path: Path) -> None:
         assert value(before, "bitmig_migrations", state="running") == 0
         load = Workload([e], 300_000, seed=3)
         load.start()
-        task = asyncio.create_task(src.migrate("127.0.0.1", dport))
+        # Writes between every window and pass keep it in dirty passes (forced after 40),
+        # long enough for scrapes to land inside it whatever the machine's load.
+        task = asyncio.create_task(src.migrate("127.0.0.1", dport,
+                                               progress=lambda p: load.step(3000)))
         during_src, during_dst = [], []
         while not task.done():
             during_src.append((await scrape(sport))[1])
