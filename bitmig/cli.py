@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "memory_budget", defaults.MEMORY_BUDGET))),
         help="bytes of bitmaps rebuilt at once; a start beyond it is refused with 'limit'")
     d.add_argument("--insecure", action="store_true",
-                   default=_env_flag("insecure"),
+                   default=None,
                    help="allow listening on a non-loopback address without TLS")
     _add_tls(d, client=False)
     _add_common(d, "dest")
@@ -293,7 +293,8 @@ async def _run_dest(a: argparse.Namespace) -> int:
     except TLSConfigError as e:
         print(f"bitmig dest: {e}", file=sys.stderr)
         return 2
-    if not is_loopback(host) and server_ssl is None and not a.insecure:
+    insecure = a.insecure or _env_flag("insecure")  # read here: a bad value breaks only dest
+    if not is_loopback(host) and server_ssl is None and not insecure:
         print(f"bitmig dest: refusing to listen on {host} without TLS; pass --insecure to "
               "allow plain TCP on a non-loopback address", file=sys.stderr)
         return 2

@@ -44,6 +44,9 @@ class Partial:
     timer: asyncio.TimerHandle
 
 
+LOCAL = "local"  # StoredMeta.origin of bitmaps this daemon stored itself (not received)
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -101,6 +104,10 @@ class Daemon:
                                   meta.chunk_size, meta.enabled, meta.persistent, bitmap=bm)
         entry.unsaved = bm.add_tracker(bm.chunk_words)  # what changes here after storing
         entry.unsaved.flags[:] = False
+        if meta.origin == LOCAL and meta.token:
+            # Stored here at exit with a migration under way: a retry after a restart
+            # must present the same token (a lost ack is then resolved, not refused).
+            entry.token = meta.token
         return entry
 
     def holds(self, node: str, name: str) -> bool:
@@ -229,7 +236,7 @@ class Daemon:
             bm = e.bitmap
             meta = StoredMeta(e.node, e.name, bm.disk_size, bm.granularity, bm.chunk_size,
                               e.enabled, e.persistent, bm.count(), tree_digest(bm.words.data),
-                              time.time(), "local")
+                              time.time(), LOCAL, e.token or b"")
             e.unsaved = e.unsaved or bm.add_tracker(bm.chunk_words)
             e.unsaved.flags[:] = False  # before saving: a change during the save re-flags
             self.store.save(meta, bm)

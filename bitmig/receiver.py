@@ -137,8 +137,8 @@ class Receiver:
         d = self.daemon
         key = (ev.node, ev.name)
         size = self.ch.conn.bitmaps[ev.id].serialized_size
+        parked = d.claim(ev)  # also discards a parked bitmap this start does not resume
         if ev.token is not None:
-            parked = d.claim(ev)
             if parked is not None:  # a retry: carry on from what arrived last time
                 self.assemblies[ev.id] = parked.assembly
                 if parked.spool is not None:

@@ -94,3 +94,32 @@ def test_demo_json_is_verified() -> None:
     assert s["verified"] is True
     assert s["source_digest"] == s["dest_digest"] and len(s["source_digest"]) == 64
     assert s["bitmap_bytes"] == 8 << 20 and s["bytes_sent"] > 0
+
+
+def test_ctl_migrate_exit_status_says_whether_the_migration_worked(tmp_path: Path) -> None:
+    sock = tmp_path / "src.sock"
+    src = subprocess.Popen([*BITMIG, "source", "--create", "n/b", "--disk-size", "1T",
+                            "--control", str(sock), "--connect-timeout", "1"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert src.stdout.readline().startswith("control ")
+        out = subprocess.run([*BITMIG, "ctl", str(sock), "migrate", "host=127.0.0.1",
+                              "port=1"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert json.loads(out.stdout)["ok"] is False
+    finally:
+        src.terminate()
+        src.wait(timeout=10)
+
+
+def test_bad_insecure_value_only_breaks_dest(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "BITMIG_INSECURE": "maybe"}
+    ok = subprocess.run([*BITMIG, "info", "--disk-size", "1T"], env=env, capture_output=True,
+                        text=True)
+    assert ok.returncode == 0
+    bad = subprocess.run([*BITMIG, "dest", "--listen", "0.0.0.0:0", "--state-dir",
+                          str(tmp_path), "--control", str(tmp_path / "c.sock")], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "BITMIG_INSECURE must be" in bad.stderr

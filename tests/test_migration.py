@@ -167,3 +167,37 @@ async def test_destination_refuses_when_state_dir_is_unwritable(tmp_path: Path) 
     assert not result.ok and "storage" in result.bitmaps[0].error
     assert e.state is Ownership.OWNED
     assert not list((tmp_path / "dest" / "bitmaps").iterdir())
+
+
+async def test_source_state_dir_keeps_bitmap_and_token_across_restart(tmp_path: Path) -> None:
+    state = str(tmp_path / "src")
+    src = Daemon("source", state, options=MigrationOptions(connect_timeout=0.5))
+    e = src.registry.add("n", "b", 1 << 40, 65536)
+    e.bitmap.set(0, 1 << 30)
+    # A migration to nowhere fails: the source keeps the bitmap and its token.
+    result = await src.migrate("127.0.0.1", 1)
+    assert not result.ok and e.state is Ownership.OWNED and e.token is not None
+    e.bitmap.set(1 << 35, 65536)
+    words, token = e.bitmap.words.copy(), e.token
+    await src.close()  # stores what it still owns
+    again = Daemon("source", state)
+    e2 = again.registry.get("n", "b")
+    assert np.array_equal(e2.bitmap.words, words) and e2.token == token
+    # Unchanged since: closing again writes nothing new, and the copy still loads.
+    mtime = (again.store.path("n", "b")).stat().st_mtime_ns
+    await again.close()
+    assert again.store.path("n", "b").stat().st_mtime_ns == mtime
+
+
+async def test_start_without_token_discards_a_parked_bitmap(tmp_path: Path) -> None:
+    from bitmig.protocol.events import Start
+
+    dest, _port = await dest_daemon(tmp_path)
+    st = Start(0, "n", "b", 1 << 36, 65536, 1024, True, False, True, b"t" * 16)
+    from bitmig.assembly import Assembly
+
+    assert dest.take_budget(4096)
+    dest.reserved.add(("n", "b"))
+    dest.park(st, Assembly(st), None, 4096)
+    assert dest.claim(Start(1, "n", "b", 1 << 36, 65536, 1024, True, False, True)) is None
+    assert not dest.partials and not dest.reserved and dest.budget_used == 0
