@@ -37,6 +37,8 @@ class Assembly:
                 words = encodings.decode(frame.enc, frame.data, raw)
                 fresh = not self.received[first : first + count].any()
                 bm.deserialize(first, count, words, fresh)
+            except RemoteProtocolError as e:  # the encoding's own checks: name the bitmap
+                raise RemoteProtocolError(e.code, e.message, frame.id) from None
             except ValueError as e:
                 raise RemoteProtocolError(ErrorCode.BAD_PAYLOAD, str(e), frame.id) from None
         self.received[first : first + count] = True

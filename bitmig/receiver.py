@@ -60,7 +60,14 @@ class Receiver:
                     continue
                 t = type(ev)
                 if t is Bits or t is Zeroes:
-                    self._apply(ev)
+                    try:
+                        self._apply(ev)
+                    except RemoteProtocolError as e:
+                        if e.bitmap_id is None or e.code not in spec.BITMAP_ERRORS:
+                            raise
+                        # A payload that does not decode, or a spool write that fails,
+                        # fails that bitmap only; the other bitmaps carry on.
+                        await self._refuse(e)
                 elif t is Start:
                     await self._start(ev)
                 elif t is Complete:

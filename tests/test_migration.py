@@ -201,3 +201,32 @@ async def test_start_without_token_discards_a_parked_bitmap(tmp_path: Path) -> N
     dest.park(st, Assembly(st), None, 4096)
     assert dest.claim(Start(1, "n", "b", 1 << 36, 65536, 1024, True, False, True)) is None
     assert not dest.partials and not dest.reserved and dest.budget_used == 0
+
+
+async def test_bad_payload_fails_one_bitmap_not_the_connection(tmp_path: Path) -> None:
+    """A payload that passes framing but does not decode fails only its bitmap."""
+    from bitmig.channel import Channel
+    from bitmig.protocol import spec
+    from bitmig.protocol.events import Bits, End, Error, Hello, Ready, Start
+    from bitmig.protocol.state import Role
+    from bitmig.trace import Trace
+
+    dest, port = await dest_daemon(tmp_path)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    ch = Channel(r, w, Role.SOURCE, Trace(None, "source"), 5)
+    await ch.send(Hello(1, 1, "source"))
+    await ch.recv("hello")
+    for i in (0, 1):
+        await ch.send(Start(i, "n", f"b{i}", 1 << 36, 65536, 1024, True, False, True))
+        assert type(await ch.recv("ready")) is Ready
+    # POSITIONS payload naming a bit beyond the chunk: bad_payload for bitmap 0 only.
+    await ch.send(Bits(0, 0, 1, int(spec.Encoding.POSITIONS), b"\xff\x7f"))
+    from bitmig.protocol.errors import PeerError
+    with pytest.raises(PeerError) as err:
+        await ch.recv("the error")
+    assert err.value.code == "bad_payload" and err.value.bitmap_id == 0
+    await ch.send(Error("aborted", "giving up", 1))  # the connection still works
+    await ch.send(End())
+    assert type(await ch.recv("end")) is End
+    await ch.close()
+    assert dest.budget_used == 0 and not dest.reserved  # both bitmaps dropped, nothing kept

@@ -248,10 +248,12 @@ async def scale(quick: bool, sizes: list[int] | None = None) -> dict[str, Any]:
                       [4 * MiB, 32 * MiB, 256 * MiB, GiB, 2 * GiB])
     rows = [await migrate_processes(s) for s in sizes]
     large = [r["gbps"] for r in rows if r["bitmap_bytes"] >= 32 * MiB] or [r["gbps"] for r in rows]
-    linear = min(large) >= 0.5 * max(large)
-    return {"target": "linear: rates of the sizes >= 32 MiB within 2x of each other (smaller "
-                      "ones are fixed-cost bound); peak RSS <= 1.5 x bitmap + 64 MiB per daemon",
-            "met": bool(linear and all(r["met"] for r in rows)),
+    # The issue sets no rate target for scale: every size must migrate (2 GiB included) and
+    # stay in the memory bound. How linear the rate is, is reported, not judged.
+    return {"target": "every size migrates and verifies on this 2-core, 24 GiB machine, "
+                      "peak RSS <= 1.5 x bitmap + 64 MiB per daemon; rate per size reported",
+            "met": bool(all(r["ok"] and r["met"] for r in rows)),
+            "rate_spread": round(max(large) / min(large), 2) if min(large) else None,
             "median_gbps": round(statistics.median(r["gbps"] for r in rows), 3),
             "sizes": rows}
 
