@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 from destproc import DestProcess
 from faultproxy import FaultProxy
+from wire import frames_of
 
 from bitmig.bitmap import DirtyBitmap
 from bitmig.daemon import Daemon
 from bitmig.migration import MigrationOptions, MigrationResult
 from bitmig.protocol import spec
-from bitmig.protocol.codec import decode_body, encode_bytes
+from bitmig.protocol.codec import encode_bytes
 from bitmig.protocol.events import Hello, Ready, Start
 from bitmig.protocol.spec import Kind
 from bitmig.registry import Entry, Ownership
@@ -288,15 +289,6 @@ async def test_slow_destination_bounded_source_memory(tmp_path: Path) -> None:
 
 # -- stalled peers ---------------------------------------------------------------------
 
-def _frames(buf: bytes) -> list:
-    out, pos = [], 0
-    while pos + 4 <= len(buf):
-        n = int.from_bytes(buf[pos : pos + 4], "big")
-        if pos + 4 + n > len(buf):
-            break
-        out.append(decode_body(buf[pos + 4 : pos + 4 + n]))
-        pos += 4 + n
-    return out
 
 
 async def _fake_dest(stall_after: str) -> tuple[asyncio.AbstractServer, int]:
@@ -313,7 +305,7 @@ async def _fake_dest(stall_after: str) -> tuple[asyncio.AbstractServer, int]:
                 buf += data
                 if said_ready:  # swallow the stream, answer nothing (no mark echo)
                     continue
-                frames = _frames(buf)
+                frames = frames_of(buf)
                 if not greeted and any(type(f) is Hello for f in frames):
                     w.write(hello)
                     greeted = True
@@ -357,13 +349,13 @@ async def test_source_stalled_mid_frame_frees_destination(tmp_path: Path) -> Non
     w.write(encode_bytes(Hello(1, 1, "source", spec.CAPABILITIES)))
     await w.drain()
     got = await asyncio.wait_for(r.read(1 << 16), 5)
-    assert [type(f) for f in _frames(got)] == [Hello]
+    assert [type(f) for f in frames_of(got)] == [Hello]
     w.write(encode_bytes(Start(0, "n", "stall", 1 << 37, 65536, 1024)))
     await w.drain()
     got = b""
     for _ in range(50):
         got += await asyncio.wait_for(r.read(1 << 16), 5)
-        if any(type(f) is Ready for f in _frames(got)):
+        if any(type(f) is Ready for f in frames_of(got)):
             break
     assert dest.budget_used == 256 << 10
     # Half a bits frame, then silence.
@@ -378,7 +370,7 @@ async def test_source_stalled_mid_frame_frees_destination(tmp_path: Path) -> Non
             break
         rest += chunk
     assert time.monotonic() - t0 < 3
-    errors = [f for f in _frames(rest) if type(f).__name__ == "Error"]
+    errors = [f for f in frames_of(rest) if type(f).__name__ == "Error"]
     assert errors and errors[0].code == "timeout", errors
     assert "waiting for the next frame from the source" in errors[0].message
     assert dest.budget_used == 0 and not dest.reserved

@@ -16,6 +16,7 @@ import pytest
 from fuzz_harness import load_seeds, mutate, run_input
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire import frames_of
 
 import bitmig.daemon
 from bitmig.daemon import Daemon
@@ -36,15 +37,6 @@ def raw_frame(obj: dict) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def frames_of(buf: bytes) -> list:
-    out, pos = [], 0
-    while pos + 4 <= len(buf):
-        n = int.from_bytes(buf[pos : pos + 4], "big")
-        if pos + 4 + n > len(buf):
-            break
-        out.append(decode_body(buf[pos + 4 : pos + 4 + n]))
-        pos += 4 + n
-    return out
 
 
 async def talk(port: int, steps: list[bytes | float], wait: float = 3.0) -> list:
