@@ -67,6 +67,9 @@ class Channel:
         # One deadline for the whole frame, not per read: a peer trickling a byte at a
         # time must not hold the connection (and a partial-frame buffer) forever.
         deadline = time.monotonic() + limit
+        if not self._events and (self.conn.buffered or self.conn.has_deferred):
+            # Bytes left over after a per-bitmap error: parse them before reading more.
+            self._events.extend(self.conn.receive_data(b""))
         while not self._events:
             try:
                 left = deadline - time.monotonic()

@@ -264,7 +264,11 @@ class Migration:
         await self.ch.drain()
         async for it, ev in self._replies(self.items, Ready, "ready for the started bitmaps"):
             if ev.have is not None and it.live:
-                self._resume(it, ev)
+                try:
+                    self._resume(it, ev)
+                except RemoteProtocolError as e:  # a mask that does not decode: that bitmap
+                    self.ch.writer.writelines(self.ch.conn.error_frame(e))
+                    self._fail_item(it, f"{e.code}: {e.message}")
         if not any(it.active for it in self.items):
             raise ValueError("the destination refused every bitmap")
 

@@ -58,6 +58,11 @@ class Receiver:
                         raise
                     self._drop(e.bitmap_id)  # the source aborted that bitmap
                     continue
+                except RemoteProtocolError as e:
+                    if e.bitmap_id is None or e.code not in spec.BITMAP_ERRORS:
+                        raise
+                    await self._refuse(e)  # that bitmap fails; the connection goes on
+                    continue
                 t = type(ev)
                 if t is Bits or t is Zeroes:
                     try:

@@ -337,7 +337,13 @@ def build() -> None:
         body_frame(msgpack.packb({"kind": 9}) + b"\xc0"), [],
         error=(ErrorCode.MALFORMED, "1 bytes after the msgpack object"))
     add("malformed_integer_key", "Map keys must be strings.", D, frame({1: 1}), [],
-        error=(ErrorCode.MALFORMED, "int is not allowed for map key"))
+        error=(ErrorCode.MALFORMED, "keys must be strings"))
+    add("malformed_bin_key", "A map key of msgpack type bin is not a string key.", D,
+        body_frame(b"\x81\xc4\x04kind\x01"), [],
+        error=(ErrorCode.MALFORMED, "keys must be strings"))
+    add("malformed_repeated_key", "A map key may appear once.", D,
+        body_frame(b"\x82\xa4kind\x09\xa4kind\x09"), [],
+        error=(ErrorCode.MALFORMED, "repeated"))
     add("malformed_bad_utf8", "A str that is not UTF-8.", D,
         body_frame(b"\x82\xa4kind\x01\xa4role\xa2\xff\xfe"), [],
         error=(ErrorCode.MALFORMED, "not msgpack"))

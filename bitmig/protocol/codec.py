@@ -99,10 +99,23 @@ def _check_field(kind: Kind, f: Field, v: Any) -> Any:
     return v
 
 
+def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """A map whose keys are strings, each once (msgpack alone would let the last win)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if type(k) is not str:
+            raise ValueError(f"map key of type {type(k).__name__}; keys must be strings")
+        if k in out:
+            raise ValueError(f"map key {k!r} repeated")
+        out[k] = v
+    return out
+
+
 def decode_body(body: bytes | memoryview) -> Event:
     """Decode and validate one frame body. Raises RemoteProtocolError with a clear code."""
     try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True,
+                              object_pairs_hook=_strict_map)
     except msgpack.ExtraData as e:
         raise RemoteProtocolError(
             ErrorCode.MALFORMED, f"{len(e.extra)} bytes after the msgpack object in the frame"

@@ -76,6 +76,7 @@ class Connection:
         self.frames_received: Counter[str] = Counter()
         self._buf = bytearray()
         self._pos = 0  # start of unparsed bytes in _buf
+        self._deferred: ProtocolError | None = None  # raised by the next receive_data
 
     # -- receiving --------------------------------------------------------------------
 
@@ -88,6 +89,9 @@ class Connection:
         if self.state is ConnState.FAILED:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED, "data after the connection failed")
         self._buf += data
+        if self._deferred is not None:
+            exc, self._deferred = self._deferred, None
+            raise exc
         events: list[Event] = []
         buf = self._buf
         prefix = spec.LENGTH_PREFIX.size
@@ -111,7 +115,17 @@ class Connection:
                 if self.observer:
                     self.observer("recv", event, prefix + n)
                 events.append(event)
-        except ProtocolError:
+        except ProtocolError as e:
+            if e.bitmap_id is not None and e.code in spec.BITMAP_ERRORS:
+                # One bitmap's fault: its frame is consumed, the bitmap fails, the rest of
+                # the connection goes on. Frames decoded before it are returned first.
+                geo = self.bitmaps.get(e.bitmap_id)
+                if geo is not None:
+                    geo.state = BitmapState.FAILED
+                if events:
+                    self._deferred = e
+                    return events
+                raise
             self.state = ConnState.FAILED
             raise
         finally:
@@ -134,6 +148,11 @@ class Connection:
             raise RemoteProtocolError(
                 ErrorCode.CLOSED, f"peer closed the connection in state {state.value}"
             )
+
+    @property
+    def has_deferred(self) -> bool:
+        """A per-bitmap error waits to be raised by the next receive_data call."""
+        return self._deferred is not None
 
     @property
     def buffered(self) -> int:
