@@ -90,9 +90,12 @@ class _Item:
                                      serialized_size=entry.bitmap.serialized_size)
         self.active = True
         self.resumed = False
-        # Chunks sent since the destination last confirmed it applied everything (a mark
-        # echo). If the attempt fails, they count as dirty again: a retry that resumes
-        # must resend them, since "sent" is not "received".
+        # Chunks the destination may hold an older version of: sent before (in this attempt
+        # or, per `have`, an earlier one) and sent again since the destination last
+        # confirmed it applied everything (a mark echo). If the attempt fails they count as
+        # dirty again: `have` says the destination holds the chunk, not which version. A
+        # chunk sent only once needs no such care: if that frame was lost, `have` lacks it.
+        self.sent = np.zeros(entry.bitmap.nchunks, dtype=bool)
         self.unconfirmed = np.zeros(entry.bitmap.nchunks, dtype=bool)
         if entry.token is None:  # one token per bitmap until it is handed off: retries share it
             entry.token = os.urandom(spec.TOKEN_BYTES)
@@ -150,7 +153,10 @@ class Migration:
 
     def _write(self, frames: list[Any]) -> None:
         for f in frames:
-            self.items[f.id].unconfirmed[f.first : f.first + f.count] = True
+            it = self.items[f.id]
+            span = slice(f.first, f.first + f.count)
+            it.unconfirmed[span] |= it.sent[span]
+            it.sent[span] = True
             self.ch.write(f)
             self.result.chunks_sent += f.count
             if type(f) is Zeroes:
@@ -294,6 +300,7 @@ class Migration:
         bm = it.entry.bitmap
         have = decode_have(ready.have_enc or 0, ready.have, bm.nchunks, it.id)
         bm.meta.flags |= ~have
+        it.sent |= have  # a resend of these may leave the destination with an older version
         it.resumed = True
         it.outcome.resumed_chunks = int(np.count_nonzero(have))
         self.trace.event("resume", bitmap=it.entry.key, held_chunks=it.outcome.resumed_chunks,

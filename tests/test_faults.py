@@ -520,3 +520,28 @@ async def test_destination_killed_in_each_phase(tmp_path: Path, phase: str) -> N
         err = dp.stop()
         dp.kill()
     assert "refused stored bitmap" not in err
+
+
+async def test_resume_after_a_cut_in_the_bulk_pass_resends_only_what_is_missing(
+        tmp_path: Path) -> None:
+    dest = Daemon("destination", str(tmp_path / "d"))
+    _, port = await dest.listen("127.0.0.1", 0)
+    proxy = FaultProxy(port, cut_after=5 << 20, direction="up")
+    await proxy.start()
+    src = Daemon("source", options=MigrationOptions(small_threshold=0))
+    e = src.registry.add("n", "b", 1 << 42, 65536)  # 8 MiB bitmap
+    e.bitmap.fill_random(0.1, np.random.default_rng(4))
+    first = await src.migrate("127.0.0.1", proxy.port)
+    await proxy.close()
+    assert not first.ok and e.state is Ownership.OWNED
+    await settle(dest)
+    assert (e.node, e.name) in dest.partials  # kept for the retry
+    retry = await src.migrate("127.0.0.1", port)
+    assert retry.ok, retry.error
+    held = retry.bitmaps[0].resumed_chunks
+    assert held > 0
+    # Only the chunks the destination lacked went again (plus frame headers).
+    missing = (e.bitmap.nchunks - held) * e.bitmap.chunk_size
+    assert retry.bytes_sent < missing * 1.05 + 4096, (retry.bytes_sent, missing)
+    got = dest.registry.get("n", "b").bitmap
+    assert np.array_equal(got.words, e.bitmap.words)
