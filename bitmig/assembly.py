@@ -15,16 +15,12 @@ from bitmig.protocol.spec import ErrorCode
 class Assembly:
     """Rebuilds the bitmap a start frame announced from bits and zeroes frames."""
 
-    def __init__(self, start: Start, prefault: bool = False) -> None:
+    def __init__(self, start: Start) -> None:
         self.start = start
+        # The words come populated (bitmap.alloc_words): no page faults during the stream.
         self.bitmap = DirtyBitmap(start.disk_size, start.granularity, start.chunk_size)
-        if prefault:
-            # Touch every page now. Off by default: the words are mapped with huge pages
-            # (bitmap.alloc_words), so faults during the stream are few and cheap.
-            self.bitmap.words.view(np.uint8)[::4096] = 0
         self.digests = DigestCache(self.bitmap)
         self.received = np.zeros(self.bitmap.nchunks, dtype=bool)
-        self.bytes_received = 0
 
     def apply(self, frame: Bits | Zeroes) -> None:
         bm = self.bitmap

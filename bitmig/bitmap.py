@@ -104,9 +104,6 @@ class ChangeTracker:
     def mark_word(self, i: int) -> None:
         self.flags[i >> self.shift] = True
 
-    def mark_all(self) -> None:
-        self.flags[:] = True
-
     def dirty(self) -> np.ndarray:
         """Indices of flagged units, ascending."""
         return np.flatnonzero(self.flags)
@@ -165,6 +162,11 @@ class DirtyBitmap:
         tracker = ChangeTracker(self.nwords, unit_words, initial=True)
         self._trackers.append(tracker)
         return tracker
+
+    def remove_tracker(self, tracker: ChangeTracker) -> None:
+        """Stop feeding a tracker (each one costs a store per mutation)."""
+        if tracker in self._trackers and tracker is not self.meta:
+            self._trackers.remove(tracker)
 
     # -- mutation ---------------------------------------------------------------------
 
@@ -310,12 +312,6 @@ class DirtyBitmap:
         """QEMU's x-debug-block-dirty-bitmap-sha256 of this bitmap."""
         return hashlib.sha256(self.words.data).digest()
 
-    def to_bools(self) -> np.ndarray:
-        """One bool per bit (for tests and reference models)."""
-        return np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.nbits].astype(
-            bool
-        )
-
     # -- serialization ------------------------------------------------------------------
 
     def _check_chunks(self, first: int, count: int) -> None:
@@ -332,15 +328,6 @@ class DirtyBitmap:
     def serialize(self, first: int, count: int) -> memoryview:
         """Serialized bytes of chunks [first, first + count), as a view into the bitmap."""
         return memoryview(self.chunk_words_view(first, count)).cast("B")
-
-    def nonzero_chunks(self) -> np.ndarray:
-        """Bool per chunk: True where any bit of the chunk is set."""
-        full = self.nwords // self.chunk_words
-        out = np.empty(self.nchunks, dtype=bool)
-        out[:full] = self.words[: full * self.chunk_words].reshape(full, -1).any(axis=1)
-        if full < self.nchunks:
-            out[full] = self.words[full * self.chunk_words :].any()
-        return out
 
     def _store(self, first: int, count: int, new: np.ndarray | int, fresh: bool = False) -> None:
         seg = self.chunk_words_view(first, count)

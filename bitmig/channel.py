@@ -88,9 +88,6 @@ class Channel:
             raise PeerError(event.code, event.message, event.id)
         return event
 
-    def pending(self) -> bool:
-        return bool(self._events)
-
     async def fail(self, exc: ProtocolError) -> None:
         """Tell the peer what went wrong (best effort) and close."""
         try:

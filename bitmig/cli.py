@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -372,7 +373,21 @@ async def _run_source(a: argparse.Namespace) -> int:
     _stop_on_signals(daemon)
     rc = 0
     if a.migrate_to:
-        rc = await _migrate_with_retries(daemon, a)
+        # SIGINT/SIGTERM stop the retries too: whatever was not acknowledged stays owned
+        # here (and is stored at exit with --state-dir).
+        job = asyncio.ensure_future(_migrate_with_retries(daemon, a))
+        stop = asyncio.ensure_future(daemon.serve_forever())
+        await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if job.done():
+            rc = job.result()
+        else:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+            print("bitmig source: stopped before the migration finished; the bitmaps stay "
+                  "here", file=sys.stderr)
+            rc = 1
     else:
         await daemon.serve_forever()
     if workload:

@@ -50,7 +50,8 @@ def _arg(req: dict[str, Any], key: str, typ: type, default: Any = ...) -> Any:
         except ValueError as e:
             raise RegistryError("bad_request", f"{key}: {e}") from None
     if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        raise RegistryError("bad_request", f"argument {key!r} must be {typ.__name__}")
+        raise RegistryError("bad_request", f"argument {key!r} must be "
+                                           f"{getattr(typ, '__name__', 'a number')}")
     return v
 
 
@@ -83,6 +84,8 @@ async def _query(d: Daemon, req: dict[str, Any]) -> Any:
 @command("add")
 async def _add(d: Daemon, req: dict[str, Any]) -> Any:
     node, name = _key(req)
+    if d.holds(node, name):  # owned, stored, or arriving from a source right now
+        raise RegistryError("exists", f"bitmap {node}/{name} already exists")
     e = d.registry.add(
         node, name, _arg(req, "disk_size", int),
         _arg(req, "granularity", int, 65536), _arg(req, "chunk_size", int, 1024),

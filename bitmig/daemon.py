@@ -233,12 +233,15 @@ class Daemon:
         for e in self.registry.owned():
             if e.unsaved is not None and not e.unsaved.flags.any():
                 continue  # the stored copy is current: nothing to write
-            bm = e.bitmap
+            live = e.bitmap
+            e.unsaved = e.unsaved or live.add_tracker(live.chunk_words)
+            e.unsaved.flags[:] = False  # before the snapshot: a later change re-flags
+            # One snapshot for digest and data: control clients may still be writing.
+            bm = DirtyBitmap(live.disk_size, live.granularity, live.chunk_size,
+                             words=live.words.copy())
             meta = StoredMeta(e.node, e.name, bm.disk_size, bm.granularity, bm.chunk_size,
                               e.enabled, e.persistent, bm.count(), tree_digest(bm.words.data),
                               time.time(), LOCAL, e.token or b"")
-            e.unsaved = e.unsaved or bm.add_tracker(bm.chunk_words)
-            e.unsaved.flags[:] = False  # before saving: a change during the save re-flags
             self.store.save(meta, bm)
             self.stored[(e.node, e.name)] = meta
             n += 1

@@ -13,7 +13,6 @@ FRAME_PAYLOAD = 1 * MiB  # serialized bytes the source packs into one bits frame
 SMALL_THRESHOLD = 1 * MiB  # bitmaps this small skip the live phase and are sent whole
 DOWNTIME_MS = 50.0  # target for the frozen completion window
 MAX_PASSES = 30  # dirty passes before completion is forced
-MIN_ZERO_RUN = 16  # zero chunks in a row that earn their own zeroes frame in a compact frame
 CONNECT_TIMEOUT = 10.0  # seconds to establish a connection and exchange hello
 IO_TIMEOUT = 30.0  # seconds any single wait for the peer may take
 ACK_TIMEOUT = 120.0  # seconds the source waits for the acks after complete

@@ -58,7 +58,8 @@ class MetricsTrace(Trace):
             self.migrations["succeeded" if fields.get("ok") else "failed"] += 1
             if fields.get("downtime_ms"):
                 self.last_downtime_ms = fields["downtime_ms"]
-        elif type_ == "error" and self.side == "destination":
+        elif type_ == "error" and self.side == "destination" and fields.get("code") != "tls":
+            # A connection that failed after it began (a failed TLS handshake never began).
             self.migrations["running"] -= 1
             self.migrations["failed"] += 1
         elif type_ == "phase":

@@ -216,6 +216,7 @@ class Migration:
                 await self.ch.fail(e)
         finally:
             for it in self.items:  # whatever was not acknowledged stays ours, intact
+                it.entry.bitmap.remove_tracker(it.digests.stale)  # one per attempt otherwise
                 if it.entry.state is not Ownership.HANDED_OFF:
                     it.entry.bitmap.meta.flags |= it.unconfirmed
                     self.registry.thaw(it.entry, None)

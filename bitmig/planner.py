@@ -52,12 +52,10 @@ class Planner:
         bitmap: DirtyBitmap,
         bitmap_id: int,
         frame_payload: int = defaults.FRAME_PAYLOAD,
-        min_zero_run: int = defaults.MIN_ZERO_RUN,
     ) -> None:
         self.bitmap = bitmap
         self.id = bitmap_id
         self.max_chunks = max(1, frame_payload // bitmap.chunk_size)
-        self.min_zero_run = min_zero_run
 
     # -- one run of chunks -> frames --------------------------------------------------
 

@@ -40,6 +40,7 @@ class Receiver:
         self.reserved: dict[int, tuple[str, str]] = {}
         self.spools: dict[int, Spool] = {}
         self.replacing: set[int] = set()
+        self.budget: dict[int, int] = {}  # memory budget held per bitmap id
         self.background: dict[int, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
@@ -82,7 +83,7 @@ class Receiver:
                     # measure real throughput; then flush and rehash in the background, so
                     # a frozen window that may follow has little left to do.
                     await ch.send(Mark(ev.seq))
-                    self._flush_all()
+                    await self._flush_all()
                 elif t is End:
                     await ch.send(End())
                     break
@@ -101,7 +102,8 @@ class Receiver:
             log.warning("%s: %s", ch.peer, e)
             d.trace.event("error", peer=ch.peer, code="peer", message=str(e))
         finally:
-            for bid in list(self.assemblies):
+            for bid in set(self.assemblies) | set(self.reserved) | set(self.spools) | set(
+                    self.budget):
                 self._park_or_drop(bid)
             await ch.close()
             d.trace.flush()
@@ -115,17 +117,16 @@ class Receiver:
                 or state not in (BitmapState.STREAMING, BitmapState.COMPLETING)):
             self._drop(bid)
             return
-        self.background.pop(bid, None)  # a running sync finishes on its own
-        spool = self.spools.pop(bid, None)
+        self.background.pop(bid, None)  # a sync still running finishes before any abort:
+        spool = self.spools.pop(bid, None)  # the daemon closes the spool only on expiry
         self.assemblies.pop(bid)
         self.reserved.pop(bid, None)  # the name stays reserved by the parked bitmap
-        self.daemon.park(asm.start, asm, spool, asm.bitmap.serialized_size)
+        self.daemon.park(asm.start, asm, spool, self.budget.pop(bid, 0))
 
     def _drop(self, bid: int) -> None:
         """Forget a bitmap that will not complete: nothing of it was stored."""
-        asm = self.assemblies.pop(bid, None)
-        if asm is not None:
-            self.daemon.release_budget(asm.bitmap.serialized_size)
+        self.assemblies.pop(bid, None)
+        self.daemon.release_budget(self.budget.pop(bid, 0))
         task = self.background.pop(bid, None)
         spool = self.spools.pop(bid, None)
         if spool is not None:
@@ -167,24 +168,33 @@ class Receiver:
                 ErrorCode.EXISTS, f"bitmap {ev.node}/{ev.name} already exists on the "
                                   "destination", ev.id))
             return
-        if not d.take_budget(size):
-            await self._refuse(RemoteProtocolError(
-                ErrorCode.LIMIT, f"bitmap of {size} bytes exceeds the destination's free "
-                                 f"memory budget", ev.id))
+        if not await self._reserve(ev, size):
             return
-        d.reserved.add(key)
-        self.reserved[ev.id] = key
         try:
             self.assemblies[ev.id] = await asyncio.to_thread(Assembly, ev)
             if d.store is not None:
                 self.spools[ev.id] = d.store.begin(ev.node, ev.name, size)
-        except (ValueError, MemoryError) as e:
-            await self._refuse(RemoteProtocolError(ErrorCode.LIMIT, str(e), ev.id))
+        except (ValueError, MemoryError, OSError) as e:
+            await self._refuse(RemoteProtocolError(ErrorCode.LIMIT, f"cannot allocate the "
+                                                   f"bitmap: {e}", ev.id))
             return
         except StoreError as e:
             await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
             return
         await self.ch.send(Ready(ev.id))
+
+    async def _reserve(self, ev: Start, size: int) -> bool:
+        """Take the memory budget and the name for a bitmap, or refuse it with `limit`."""
+        d = self.daemon
+        if not d.take_budget(size):
+            await self._refuse(RemoteProtocolError(
+                ErrorCode.LIMIT, f"bitmap of {size} bytes exceeds the destination's free "
+                                 f"memory budget", ev.id))
+            return False
+        self.budget[ev.id] = size
+        d.reserved.add((ev.node, ev.name))
+        self.reserved[ev.id] = (ev.node, ev.name)
+        return True
 
     async def _ready(self, bid: int, asm: Assembly) -> None:
         have = encode_have(asm.received)
@@ -199,25 +209,35 @@ class Receiver:
         """The ack of an earlier attempt was lost: rebuild from the stored copy, so the
         source need only send what changed since, and replace it at completion."""
         d = self.daemon
-        if not d.take_budget(size):
-            await self._refuse(RemoteProtocolError(
-                ErrorCode.LIMIT, f"bitmap of {size} bytes exceeds the destination's free "
-                                 f"memory budget", ev.id))
+        if not await self._reserve(ev, size):
             return
-        asm = Assembly(ev)
-        asm.bitmap.deserialize(0, asm.bitmap.nchunks, old.bitmap.words)
-        asm.received[:] = True
-        self.assemblies[ev.id] = asm
         self.replacing.add(ev.id)
-        d.reserved.add((ev.node, ev.name))
-        self.reserved[ev.id] = (ev.node, ev.name)
-        if d.store is not None:
+
+        def build() -> tuple[Assembly, Spool | None]:  # up to 4 GiB: off the event loop
+            asm = Assembly(ev)
+            asm.bitmap.deserialize(0, asm.bitmap.nchunks, old.bitmap.words)
+            asm.received[:] = True
+            if d.store is None:
+                return asm, None
+            spool = d.store.begin(ev.node, ev.name, size)
             try:
-                spool = d.store.begin(ev.node, ev.name, size)
                 spool.write(0, memoryview(asm.bitmap.words).cast("B"))
-            except StoreError as e:
-                await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
-                return
+            except StoreError:
+                spool.abort()
+                raise
+            return asm, spool
+
+        try:
+            asm, spool = await asyncio.to_thread(build)
+        except StoreError as e:
+            await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
+            return
+        except (ValueError, MemoryError, OSError) as e:
+            await self._refuse(RemoteProtocolError(ErrorCode.LIMIT, f"cannot allocate the "
+                                                   f"bitmap: {e}", ev.id))
+            return
+        self.assemblies[ev.id] = asm
+        if spool is not None:
             self.spools[ev.id] = spool
         await self._ready(ev.id, asm)
 
@@ -240,18 +260,28 @@ class Receiver:
             spool.write(ev.first * bm.chunk_size, bm.serialize(ev.first, ev.count))
         except StoreError as e:
             raise RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id) from None
-        task = self.background.get(ev.id)
-        if spool.unsynced >= SYNC_EVERY and (task is None or task.done()):
-            self.background[ev.id] = asyncio.create_task(asyncio.to_thread(spool.sync))
+        if spool.unsynced >= SYNC_EVERY:
+            self._spawn_sync(ev.id)
 
-    def _flush_all(self) -> None:
+    async def _flush_all(self) -> None:
         """Start an fsync of every spool in the background (it releases the GIL)."""
-        for bid in self.assemblies:
-            task = self.background.get(bid)
-            spool = self.spools.get(bid)
-            if spool is not None and (task is None or task.done()):
-                self.background[bid] = asyncio.create_task(asyncio.to_thread(spool.sync))
+        for bid in list(self.assemblies):
+            try:
+                self._spawn_sync(bid)
+            except RemoteProtocolError as e:
+                await self._refuse(e)
 
+    def _spawn_sync(self, bid: int) -> None:
+        """fsync a bitmap's spool in a worker thread, unless one is still running. A sync
+        that failed is reported now: the kernel reports a writeback error only once, so a
+        later fsync could succeed over lost pages."""
+        spool = self.spools.get(bid)
+        task = self.background.get(bid)
+        if spool is None or (task is not None and not task.done()):
+            return
+        if task is not None and task.exception() is not None:
+            raise RemoteProtocolError(ErrorCode.STORAGE, str(task.exception()), bid)
+        self.background[bid] = asyncio.create_task(asyncio.to_thread(spool.sync))
     async def _complete(self, ev: Complete) -> None:
         asm = self.assemblies.get(ev.id)
         if asm is None:
@@ -270,6 +300,12 @@ class Receiver:
             await self._refuse(e)
             return
         s = asm.start
+        if ev.id in self.replacing and self.daemon.replaceable(s) is None:
+            # The copy being replaced changed here while the retry streamed: keep it.
+            await self._refuse(RemoteProtocolError(
+                ErrorCode.EXISTS, f"bitmap {s.node}/{s.name} changed on the destination "
+                                  "since it arrived; not replaced", ev.id))
+            return
         meta = StoredMeta(s.node, s.name, s.disk_size, s.granularity, s.chunk_size, s.enabled,
                           s.persistent, asm.bitmap.count(), digest, time.time(), self.ch.peer,
                           s.token or b"")
@@ -281,9 +317,10 @@ class Receiver:
             await self._refuse(RemoteProtocolError(ErrorCode.STORAGE, str(e), ev.id))
             return
         self.assemblies.pop(ev.id)
+        asm.bitmap.remove_tracker(asm.digests.stale)  # the owned bitmap needs no leaf hashes
         self.reserved.pop(ev.id, None)
         self.daemon.reserved.discard((s.node, s.name))
-        self.daemon.release_budget(asm.bitmap.serialized_size)
+        self.daemon.release_budget(self.budget.pop(ev.id, 0))
         if self.ch.conn.bitmap_state(ev.id) is BitmapState.COMPLETING:
             await self.ch.send(Ack(ev.id, digest))
             self.daemon.trace.event("stored", bitmap=f"{s.node}/{s.name}", digest=digest.hex(),

@@ -6,7 +6,9 @@ File format (one file per bitmap, `bitmaps/<sha256(node NUL name)[:32]>.bitmap`)
     offset 8     4 bytes   header length H, little-endian
     offset 12    H bytes   msgpack map: node, name, disk_size, granularity, chunk_size,
                            enabled, persistent, count, digest (tree digest, 32 bytes),
-                           stored_at (unix seconds), origin (peer address)
+                           stored_at (unix seconds), origin (the source's address, or
+                           "local" when this daemon stored its own bitmap at exit),
+                           token (the migration's resume token, possibly empty)
     offset 4096  the serialized bitmap (little-endian 64-bit words)
 
 A file is only ever created under a temporary name and renamed into place after its

@@ -704,7 +704,7 @@ def check(v: dict[str, Any]) -> None:
         if role is not Role.DESTINATION:
             return
         if type(ev) is Start:
-            asm[ev.id] = Assembly(ev, prefault=False)
+            asm[ev.id] = Assembly(ev)
         elif type(ev) in (Bits, Zeroes) and ev.id in asm:
             asm[ev.id].apply(ev)
         elif type(ev) is Complete and ev.id in asm:

@@ -63,7 +63,7 @@ class Target:
             if t is Start:
                 geo = self.conn.bitmaps[ev.id]
                 if geo.serialized_size <= MAX_ASSEMBLY:
-                    self.asms[ev.id] = Assembly(ev, prefault=False)
+                    self.asms[ev.id] = Assembly(ev)
             elif t is Bits or t is Zeroes:
                 asm = self.asms.get(ev.id)
                 if asm is not None:

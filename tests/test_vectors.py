@@ -95,7 +95,7 @@ class Receiver:
             return
         t = type(ev)
         if t is Start:
-            self.assemblies[ev.id] = Assembly(ev, prefault=False)
+            self.assemblies[ev.id] = Assembly(ev)
         elif (t is Bits or t is Zeroes) and ev.id in self.assemblies:
             self.assemblies[ev.id].apply(ev)
         elif t is Complete and ev.id in self.assemblies:
