@@ -230,3 +230,24 @@ async def test_bad_payload_fails_one_bitmap_not_the_connection(tmp_path: Path) -
     assert type(await ch.recv("end")) is End
     await ch.close()
     assert dest.budget_used == 0 and not dest.reserved  # both bitmaps dropped, nothing kept
+
+
+async def test_destination_migrates_a_received_bitmap_onward(tmp_path: Path) -> None:
+    """A -> B -> C: B owns what it received (writes apply there), hands it on, and keeps no
+    stored copy once C acknowledged; C holds A's bits plus B's write."""
+    b = Daemon("destination", str(tmp_path / "b"))
+    _, port_b = await b.listen("127.0.0.1", 0)
+    c = Daemon("destination", str(tmp_path / "c"))
+    _, port_c = await c.listen("127.0.0.1", 0)
+    a = Daemon("source")
+    e = a.registry.add("n", "x", 1 << 40, 65536)
+    e.bitmap.fill_random(0.05, np.random.default_rng(8))
+    assert (await a.migrate("127.0.0.1", port_b)).ok
+    assert await b.registry.mutate("n", "x", "set", 0, 1 << 20) >= 0  # a write at B
+    expect = b.registry.get("n", "x").bitmap.words.copy()
+    onward = await b.migrate("127.0.0.1", port_c, [("n", "x")])
+    assert onward.ok, onward.error
+    assert not b.store.exists("n", "x")
+    with pytest.raises(HandedOff, match=f"127.0.0.1:{port_c}"):
+        await b.registry.mutate("n", "x", "set", 0, 1)
+    assert np.array_equal(c.registry.get("n", "x").bitmap.words, expect)
