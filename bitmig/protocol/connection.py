@@ -164,6 +164,9 @@ class Connection:
     def send(self, event: Event) -> list[bytes | memoryview]:
         """Validate an event this side wants to send; return the frame's buffers."""
         self._check(event, self.role, LocalProtocolError)
+        return self._emit(event)
+
+    def _emit(self, event: Event) -> list[bytes | memoryview]:
         out = encode(event)
         n = sum(memoryview(b).nbytes for b in out)
         self.bytes_sent += n
@@ -176,12 +179,9 @@ class Connection:
         """The error frame that reports `exc` to the peer (fatal unless it names a bitmap)."""
         bitmap_id = exc.bitmap_id if exc.code in spec.BITMAP_ERRORS else None
         event = Error(str(exc.code), exc.message[: spec.MAX_MESSAGE_BYTES // 4], bitmap_id)
-        out = encode(event)
-        n = sum(memoryview(b).nbytes for b in out)
-        self.bytes_sent += n
-        self.frames_sent["error"] += 1
-        if self.observer:
-            self.observer("send", event, n)
+        # Not through send(): reporting an error must work in any state, even for an id the
+        # state machine never accepted (e.g. `limit` on one start too many).
+        out = self._emit(event)
         if bitmap_id is None:
             self.state = ConnState.FAILED
         elif bitmap_id in self.bitmaps:
