@@ -17,6 +17,12 @@ from bitmig.trace import Trace
 READ_SIZE = 4 << 20
 
 
+def peer_name(writer: asyncio.StreamWriter) -> str:
+    """HOST:PORT of the other end, as logs and traces name it."""
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
 class Timeout(Exception):
     """A wait for the peer expired; the message names the wait."""
 
@@ -34,8 +40,7 @@ class Channel:
     ) -> None:
         self.reader = reader
         self.writer = writer
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = peer_name(writer)
         self.trace = trace
         self.conn = Connection(role, observer=self._observe if trace.enabled else None)
         self.io_timeout = io_timeout

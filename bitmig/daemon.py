@@ -36,7 +36,6 @@ log = logging.getLogger("bitmig")
 class Partial:
     """What a destination keeps of a bitmap whose connection dropped, for a retry."""
 
-    token: bytes
     start: Start
     assembly: Assembly
     spool: Spool | None
@@ -126,7 +125,7 @@ class Daemon:
         its name stay taken) until resume_timeout passes."""
         key = (start.node, start.name)
         timer = asyncio.get_running_loop().call_later(self.resume_timeout, self._expire, key)
-        self.partials[key] = Partial(start.token or b"", start, asm, spool, size, timer)
+        self.partials[key] = Partial(start, asm, spool, size, timer)
         self.trace.event("parked", bitmap=f"{start.node}/{start.name}",
                          held_chunks=int(asm.received.sum()))
 
@@ -150,7 +149,7 @@ class Daemon:
         if p is None:
             return None
         s = p.start
-        if (start.token is None or start.token != p.token or
+        if (start.token is None or start.token != s.token or
                 (s.disk_size, s.granularity, s.chunk_size) !=
                 (start.disk_size, start.granularity, start.chunk_size)):
             self._expire(key)

@@ -30,6 +30,7 @@ import os
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from bitmig.channel import peer_name
 from bitmig.protocol.errors import RemoteProtocolError
 from bitmig.protocol.spec import ErrorCode
 
@@ -171,16 +172,11 @@ def before_hello(exc: Exception, host: str, port: int, using_tls: bool) -> Excep
     return TLSError(f"TLS handshake with {host}:{port} failed: {why}")
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-
-
 async def accept(daemon: Daemon, writer: asyncio.StreamWriter, ctx: ssl.SSLContext) -> bool:
     """Run the server side of the handshake on a fresh connection. A failure is logged
     (one line), counted as error "tls", traced, and the connection closed: returns False
     and nothing else happens for that peer."""
-    peer = _peer(writer)
+    peer = peer_name(writer)
     try:
         await writer.start_tls(ctx, ssl_handshake_timeout=daemon.connect_timeout)
     except (OSError, TimeoutError, EOFError) as e:
