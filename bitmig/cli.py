@@ -17,8 +17,9 @@ import signal
 import sys
 from typing import Any
 
-from bitmig import __version__, defaults
-from bitmig.units import format_size, parse_size
+from bitmig import __version__
+from bitmig.core import defaults
+from bitmig.core.units import format_size, parse_size
 
 
 def _env(name: str, default: Any) -> Any:
@@ -54,7 +55,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _add_common(p: argparse.ArgumentParser, side: str) -> None:
-    from bitmig.daemon import control_path_default
+    from bitmig.daemon.service import control_path_default
 
     p.add_argument("--control", default=_env("control", control_path_default(side)),
                    help="path of the JSON-lines control socket (mode 0600: this user only)")
@@ -100,7 +101,7 @@ def _add_migration_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _options(a: argparse.Namespace) -> Any:
-    from bitmig.migration import MigrationOptions
+    from bitmig.daemon.migration import MigrationOptions
 
     return MigrationOptions(downtime_ms=a.downtime_ms, max_passes=a.max_passes,
                             small_threshold=a.small_threshold, io_timeout=a.io_timeout,
@@ -206,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("cmd")
     c.add_argument("args", nargs="*", metavar="KEY=VALUE")
 
-    from bitmig.tracetools import add_trace_parser
+    from bitmig.tools.trace_cli import add_trace_parser
     add_trace_parser(sub, _Formatter)
-    from bitmig.bench import add_bench_parser
+    from bitmig.tools.bench_cli import add_bench_parser
     add_bench_parser(sub, _Formatter)
     return p
 
@@ -248,8 +249,8 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_ctl(a: argparse.Namespace) -> int:
-    from bitmig.control import call
-    from bitmig.registry import RegistryError
+    from bitmig.daemon.control import call
+    from bitmig.daemon.registry import RegistryError
 
     args: dict[str, Any] = {}
     for kv in a.args:
@@ -278,15 +279,15 @@ def cmd_ctl(a: argparse.Namespace) -> int:
 def _tls(a: argparse.Namespace) -> tuple[Any, Any]:
     """(server, client) SSL contexts from the --tls-* options, or (None, None) without
     them. Raises TLSConfigError when only some are given or a file is unusable."""
-    from bitmig.tls import contexts
+    from bitmig.daemon.tls import contexts
 
     return contexts(a.tls_cert, a.tls_key, a.tls_ca, getattr(a, "tls_server_name", None))
 
 
 async def _run_dest(a: argparse.Namespace) -> int:
-    from bitmig.daemon import Daemon, is_loopback
-    from bitmig.store import StoreError
-    from bitmig.tls import TLSConfigError
+    from bitmig.core.store import StoreError
+    from bitmig.daemon.service import Daemon, is_loopback
+    from bitmig.daemon.tls import TLSConfigError
 
     host, port = a.listen
     try:
@@ -308,7 +309,7 @@ async def _run_dest(a: argparse.Namespace) -> int:
     h, p = await daemon.listen(host, port)
     await daemon.control(a.control)
     if a.metrics:
-        from bitmig.metrics import serve_metrics
+        from bitmig.daemon.metrics import serve_metrics
         await serve_metrics(daemon, *a.metrics)
     print(f"listening on {h}:{p} control {a.control} state {a.state_dir}", flush=True)
     _stop_on_signals(daemon)
@@ -324,17 +325,17 @@ def _stop_on_signals(daemon: Any) -> None:
 
 
 async def _run_source(a: argparse.Namespace) -> int:
-    from bitmig.daemon import Daemon
-    from bitmig.registry import RegistryError
-    from bitmig.tls import TLSConfigError
-    from bitmig.workload import Workload
+    from bitmig.daemon.registry import RegistryError
+    from bitmig.daemon.service import Daemon
+    from bitmig.daemon.tls import TLSConfigError
+    from bitmig.tools.workload import Workload
 
     try:
         _, client_ssl = _tls(a)
     except TLSConfigError as e:
         print(f"bitmig source: {e}", file=sys.stderr)
         return 2
-    from bitmig.store import StoreError
+    from bitmig.core.store import StoreError
 
     try:
         daemon = Daemon("source", a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
@@ -362,7 +363,7 @@ async def _run_source(a: argparse.Namespace) -> int:
             e.bitmap.fill_random(a.fill, np.random.default_rng(len(daemon.registry.entries)))
     await daemon.control(a.control)
     if a.metrics:
-        from bitmig.metrics import serve_metrics
+        from bitmig.daemon.metrics import serve_metrics
         await serve_metrics(daemon, *a.metrics)
     print(f"control {a.control}", flush=True)
     workload = None
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "source":
             return asyncio.run(_run_source(a))
         if a.command == "demo":
-            from bitmig.demo import run_demo
+            from bitmig.tools.demo import run_demo
             return run_demo(a)
         return a.func(a)
     except KeyboardInterrupt:

@@ -7,7 +7,7 @@ Run from the repository root:  python proto/make_vectors.py  [--out DIR]  (write
 
 Every byte comes from bitmig's own encoder (bitmig.protocol.codec, bitmig.protocol.encodings)
 or from msgpack.packb of a deliberately broken map; nothing is typed in by hand. Each vector
-is checked against a fresh Connection (and, on the destination, bitmig.assembly.Assembly)
+is checked against a fresh Connection (and, on the destination, bitmig.core.assembly.Assembly)
 before it is written, so the output always describes what the code does.
 
 Vector format (one JSON object per file):
@@ -39,10 +39,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from bitmig.assembly import Assembly
-from bitmig.bitmap import DirtyBitmap
-from bitmig.digest import tree_digest
-from bitmig.planner import Planner
+from bitmig.core.assembly import Assembly
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.core.digest import tree_digest
+from bitmig.core.planner import Planner
 from bitmig.protocol import encodings, spec
 from bitmig.protocol.codec import encode_bytes, event_to_map
 from bitmig.protocol.connection import Connection

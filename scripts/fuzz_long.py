@@ -2,7 +2,7 @@
 
 Mutates the conformance vectors' frames (proto/vectors/*.json) and random bytes, feeds
 them to Connection(Role.DESTINATION).receive_data after replaying each vector's context,
-and drives the resulting bits/zeroes/complete events through bitmig.assembly.Assembly.
+and drives the resulting bits/zeroes/complete events through bitmig.core.assembly.Assembly.
 Only ProtocolError may escape. Any other exception is printed with the input's hex.
 
     python scripts/fuzz_long.py [--count 1000000] [--seed 1] [--report-every 100000]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgpack
 
-from bitmig.assembly import Assembly
+from bitmig.core.assembly import Assembly
 from bitmig.protocol import spec
 from bitmig.protocol.codec import decode_body
 from bitmig.protocol.connection import Connection

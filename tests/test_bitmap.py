@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitmig.bitmap import DirtyBitmap, GeometryError, RangeError
-from bitmig.digest import DigestCache, tree_digest
+from bitmig.core.bitmap import DirtyBitmap, GeometryError, RangeError
+from bitmig.core.digest import DigestCache, tree_digest
 
 
 class Model:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from conftest import compose_command, docker_unavailable
 
-from bitmig.tracetools import read_trace
+from bitmig.tools.trace_cli import read_trace
 
 pytestmark = pytest.mark.docker
 

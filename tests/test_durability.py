@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from destproc import DestProcess
 
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions
-from bitmig.registry import Ownership
-from bitmig.store import DATA_OFFSET, TMP_MARK, Store, StoreError
+from bitmig.core.store import DATA_OFFSET, TMP_MARK, Store, StoreError
+from bitmig.daemon.migration import MigrationOptions
+from bitmig.daemon.registry import Ownership
+from bitmig.daemon.service import Daemon
 
 DISK, GRAN, CHUNK = 1 << 40, 65536, 1024  # 2 MiB serialized
 

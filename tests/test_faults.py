@@ -21,16 +21,16 @@ from destproc import DestProcess
 from faultproxy import FaultProxy
 from wire import frames_of
 
-from bitmig.bitmap import DirtyBitmap
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions, MigrationResult
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.core.store import TMP_MARK, Store
+from bitmig.daemon.migration import MigrationOptions, MigrationResult
+from bitmig.daemon.registry import Entry, Ownership
+from bitmig.daemon.service import Daemon
 from bitmig.protocol import spec
 from bitmig.protocol.codec import encode_bytes
 from bitmig.protocol.events import Hello, Ready, Start
 from bitmig.protocol.spec import Kind
-from bitmig.registry import Entry, Ownership
-from bitmig.store import TMP_MARK, Store
-from bitmig.workload import Workload
+from bitmig.tools.workload import Workload
 
 DISK, GRAN, CHUNK = 1 << 37, 65536, 1024  # 256 KiB serialized
 OPTS = dict(small_threshold=0, frame_payload=32 << 10, downtime_ms=5, max_passes=4,
@@ -245,7 +245,7 @@ async def test_lost_ack_leaves_a_single_owner(tmp_path: Path) -> None:
 # -- slow destination ------------------------------------------------------------------
 
 async def test_slow_destination_bounded_source_memory(tmp_path: Path) -> None:
-    from bitmig.migration import WRITE_BUFFER_HIGH
+    from bitmig.daemon.migration import WRITE_BUFFER_HIGH
 
     dest = Daemon("destination", str(tmp_path / "d"))
     _, port = await dest.listen("127.0.0.1", 0)
@@ -398,7 +398,7 @@ def _assert_storage_refused(result: MigrationResult, e: Entry, before: np.ndarra
 @pytest.mark.parametrize("call", ["pwrite", "fsync", "fdatasync"])
 async def test_enospc_is_a_storage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          call: str) -> None:
-    import bitmig.store
+    import bitmig.core.store
 
     dest = Daemon("destination", str(tmp_path / "d"))
     _, port = await dest.listen("127.0.0.1", 0)
@@ -409,9 +409,9 @@ async def test_enospc_is_a_storage_error(tmp_path: Path, monkeypatch: pytest.Mon
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, *a)
 
-    monkeypatch.setattr(bitmig.store.os, call, full)
+    monkeypatch.setattr(bitmig.core.store.os, call, full)
     if call == "fdatasync":  # only the background sync calls it: make sure one runs
-        monkeypatch.setattr("bitmig.receiver.SYNC_EVERY", 1)
+        monkeypatch.setattr("bitmig.daemon.receiver.SYNC_EVERY", 1)
     src, e = make_source("full", 5)
     before = e.bitmap.words.copy()
     result = await src.migrate("127.0.0.1", port)

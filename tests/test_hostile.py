@@ -18,15 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wire import frames_of
 
-import bitmig.daemon
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions
+import bitmig.daemon.service
+from bitmig.daemon.migration import MigrationOptions
+from bitmig.daemon.receiver import Receiver
+from bitmig.daemon.service import Daemon
 from bitmig.protocol import spec
 from bitmig.protocol.codec import decode_body, encode_bytes
 from bitmig.protocol.errors import ProtocolError
 from bitmig.protocol.events import Bits, Complete, End, Error, Hello, Ready, Start
-from bitmig.receiver import Receiver
-from bitmig.workload import Workload
+from bitmig.tools.workload import Workload
 
 HELLO = encode_bytes(Hello(1, 1, "source", spec.CAPABILITIES))
 START = Start(0, "h", "x", 1 << 30, 65536, 64)  # 2 KiB, 32 chunks of 64 bytes
@@ -141,7 +141,7 @@ class Tracked(Receiver):
 @pytest.fixture
 async def dest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     Tracked.instances = []
-    monkeypatch.setattr(bitmig.daemon, "Receiver", Tracked)
+    monkeypatch.setattr(bitmig.daemon.service, "Receiver", Tracked)
     d = Daemon("destination", str(tmp_path / "d"), io_timeout=0.5, connect_timeout=0.5,
                memory_budget=64 << 20)
     _, port = await d.listen("127.0.0.1", 0)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions
-from bitmig.registry import Ownership
-from bitmig.store import Store
-from bitmig.workload import Workload
+from bitmig.core.store import Store
+from bitmig.daemon.migration import MigrationOptions
+from bitmig.daemon.registry import Ownership
+from bitmig.daemon.service import Daemon
+from bitmig.tools.workload import Workload
 
 
 async def test_32_bitmaps_from_4_sources(tmp_path: Path) -> None:

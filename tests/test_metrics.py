@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bitmig.control import acall
-from bitmig.daemon import Daemon
-from bitmig.metrics import serve_metrics
-from bitmig.migration import MigrationOptions
-from bitmig.workload import Workload
+from bitmig.daemon.control import acall
+from bitmig.daemon.metrics import serve_metrics
+from bitmig.daemon.migration import MigrationOptions
+from bitmig.daemon.service import Daemon
+from bitmig.tools.workload import Workload
 
 
 def free_port() -> int:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitmig.bitmap import DirtyBitmap
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions
-from bitmig.registry import HandedOff, Ownership
-from bitmig.workload import Workload
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.daemon.migration import MigrationOptions
+from bitmig.daemon.registry import HandedOff, Ownership
+from bitmig.daemon.service import Daemon
+from bitmig.tools.workload import Workload
 
 
 async def dest_daemon(tmp_path: Path, **kw) -> tuple[Daemon, int]:
@@ -194,7 +194,7 @@ async def test_start_without_token_discards_a_parked_bitmap(tmp_path: Path) -> N
 
     dest, _port = await dest_daemon(tmp_path)
     st = Start(0, "n", "b", 1 << 36, 65536, 1024, True, False, True, b"t" * 16)
-    from bitmig.assembly import Assembly
+    from bitmig.core.assembly import Assembly
 
     assert dest.take_budget(4096)
     dest.reserved.add(("n", "b"))
@@ -205,11 +205,11 @@ async def test_start_without_token_discards_a_parked_bitmap(tmp_path: Path) -> N
 
 async def test_bad_payload_fails_one_bitmap_not_the_connection(tmp_path: Path) -> None:
     """A payload that passes framing but does not decode fails only its bitmap."""
-    from bitmig.channel import Channel
+    from bitmig.daemon.channel import Channel
+    from bitmig.daemon.trace_writer import Trace
     from bitmig.protocol import spec
     from bitmig.protocol.events import Bits, End, Error, Hello, Ready, Start
     from bitmig.protocol.state import Role
-    from bitmig.trace import Trace
 
     dest, port = await dest_daemon(tmp_path)
     r, w = await asyncio.open_connection("127.0.0.1", port)

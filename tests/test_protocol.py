@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitmig.assembly import Assembly
-from bitmig.bitmap import DirtyBitmap
-from bitmig.digest import DigestCache
-from bitmig.planner import Planner
+from bitmig.core.assembly import Assembly
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.core.digest import DigestCache
+from bitmig.core.planner import Planner
 from bitmig.protocol import encodings, spec
 from bitmig.protocol.codec import encode_bytes
 from bitmig.protocol.connection import Connection

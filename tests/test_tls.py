@@ -18,10 +18,9 @@ from typing import NamedTuple
 import pytest
 import trustme
 
-from bitmig import tls
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions, MigrationResult
-from bitmig.registry import Ownership
+from bitmig.daemon.migration import MigrationOptions, MigrationResult
+from bitmig.daemon.registry import Ownership
+from bitmig.daemon.service import Daemon, tls
 
 BITMIG = [sys.executable, "-m", "bitmig"]
 

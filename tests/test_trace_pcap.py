@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions
-from bitmig.pcap import _Direction, decode_capture
-from bitmig.tracetools import read_trace, summarize
-from bitmig.workload import Workload
+from bitmig.daemon.migration import MigrationOptions
+from bitmig.daemon.service import Daemon
+from bitmig.tools.pcap_decode import _Direction, decode_capture
+from bitmig.tools.trace_cli import read_trace, summarize
+from bitmig.tools.workload import Workload
 
 pytest.importorskip("dpkt")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bitmig.plot import series
-from bitmig.tracetools import read_trace
+from bitmig.tools.trace_cli import read_trace
+from bitmig.tools.trace_plot import series
 
 pytest.importorskip("matplotlib")
 

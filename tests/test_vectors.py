@@ -1,7 +1,7 @@
 """The conformance vectors of proto/vectors/ against the reference Connection and Assembly.
 
 Each vector is decoded by a fresh Connection of the vector's role (after its context), the
-destination's frames are also run through bitmig.assembly.Assembly, every decoded event is
+destination's frames are also run through bitmig.core.assembly.Assembly, every decoded event is
 re-encoded and must give back the exact bytes, and error vectors must raise the code and
 message they name. Every frame kind and every error code must have a vector.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bitmig.assembly import Assembly
+from bitmig.core.assembly import Assembly
 from bitmig.protocol import spec
 from bitmig.protocol.codec import encode, encode_bytes, event_to_map
 from bitmig.protocol.connection import Connection

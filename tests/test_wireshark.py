@@ -16,7 +16,7 @@ import pytest
 from test_trace_pcap import capture_migration
 
 from bitmig.protocol.spec import Kind
-from bitmig.tracetools import read_trace
+from bitmig.tools.trace_cli import read_trace
 
 LUA = Path(__file__).resolve().parent.parent / "proto" / "bitmig.lua"
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from bitmig.bitmap import WORD, DirtyBitmap, serialized_size
-from bitmig.digest import tree_digest
+from bitmig.core.bitmap import WORD, DirtyBitmap, serialized_size
+from bitmig.core.digest import tree_digest
 
 MAGIC = b"BITMIG\x00\x01"
 DATA_OFFSET = 4096

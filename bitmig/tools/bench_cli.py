@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from bitmig.units import format_size, parse_size
+from bitmig.core.units import format_size, parse_size
 
 
 def _sizes(text: str) -> list[int]:
@@ -29,7 +29,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def add_bench_parser(sub: Any, formatter: Any) -> None:
-    from bitmig.benchmarks.scenarios import SCENARIOS
+    from bitmig.tools.benchmarks.scenarios import SCENARIOS
 
     b = sub.add_parser(
         "bench", formatter_class=formatter, help="run the benchmarks",
@@ -59,8 +59,8 @@ _WARM = ("import mmap, sys\n"
 
 async def run_bench(names: list[str], quick: bool, sizes: list[int] | None,
                     log: Any = None, warm: int = 0) -> dict[str, Any]:
-    from bitmig.benchmarks import scenarios as sc
-    from bitmig.benchmarks.common import machine
+    from bitmig.tools.benchmarks import scenarios as sc
+    from bitmig.tools.benchmarks.common import machine
 
     out: dict[str, Any] = {"machine": machine(), "quick": quick, "scenarios": {}}
     if warm:
@@ -130,7 +130,7 @@ def render(out: dict[str, Any]) -> str:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from bitmig.benchmarks.scenarios import SCENARIOS
+    from bitmig.tools.benchmarks.scenarios import SCENARIOS
 
     names = a.scenario or list(SCENARIOS)
     log = None if a.json else (lambda s: print(s, file=sys.stderr, flush=True))

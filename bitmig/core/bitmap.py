@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bitmig import defaults
+from bitmig.core import defaults
 from bitmig.protocol import spec
 
 Buffer = Any  # bytes, bytearray, memoryview or ndarray (collections.abc.Buffer is 3.12+)

@@ -30,14 +30,14 @@ import os
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from bitmig.channel import peer_name
+from bitmig.daemon.channel import peer_name
 from bitmig.protocol.errors import RemoteProtocolError
 from bitmig.protocol.spec import ErrorCode
 
 if TYPE_CHECKING:
-    from bitmig.daemon import Daemon
+    from bitmig.daemon.service import Daemon
 
-log = logging.getLogger("bitmig.tls")
+log = logging.getLogger("bitmig.daemon.tls")
 
 
 class TLSConfigError(ValueError):

@@ -105,7 +105,7 @@ def cmd_summary(a: argparse.Namespace, records: list[dict[str, Any]] | None = No
 
 def cmd_pcap(a: argparse.Namespace) -> int:
     try:
-        from bitmig.pcap import decode_capture
+        from bitmig.tools.pcap_decode import decode_capture
     except ImportError:  # pragma: no cover - dpkt missing
         print("bitmig trace pcap: needs dpkt (pip install 'bitmig[pcap]')", file=sys.stderr)
         return 2
@@ -130,7 +130,7 @@ def cmd_pcap(a: argparse.Namespace) -> int:
 
 def cmd_plot(a: argparse.Namespace) -> int:
     try:
-        from bitmig.plot import plot_trace
+        from bitmig.tools.trace_plot import plot_trace
     except ImportError:  # pragma: no cover - matplotlib missing
         print("bitmig trace plot: needs matplotlib (pip install 'bitmig[plot]')",
               file=sys.stderr)

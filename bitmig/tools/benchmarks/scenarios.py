@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from bitmig.benchmarks.common import (
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.core.planner import Planner
+from bitmig.daemon.migration import MigrationOptions, MigrationResult
+from bitmig.daemon.service import Daemon
+from bitmig.protocol import codec, encodings
+from bitmig.tools.benchmarks.common import (
     GB,
     GRAN,
     GiB,
@@ -25,13 +30,8 @@ from bitmig.benchmarks.common import (
     random_words,
     raw_tcp,
 )
-from bitmig.benchmarks.proxy import RateLimitProxy
-from bitmig.bitmap import DirtyBitmap
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions, MigrationResult
-from bitmig.planner import Planner
-from bitmig.protocol import codec, encodings
-from bitmig.workload import Workload
+from bitmig.tools.benchmarks.proxy import RateLimitProxy
+from bitmig.tools.workload import Workload
 
 NEVER_LIVE = 1 << 62  # small_threshold that sends every bitmap whole in the frozen window
 
@@ -219,7 +219,7 @@ async def migrate_processes(size: int) -> dict[str, Any]:
         return _pairs[size]
     async with destination() as (proc, host, port, _sock):
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bitmig.benchmarks.child", str(size), "0.5", host,
+            sys.executable, "-m", "bitmig.tools.benchmarks.child", str(size), "0.5", host,
             str(port), stdout=asyncio.subprocess.PIPE)
         out, _ = await child.communicate()
         dest_hwm = proc_status(proc.pid)["VmHWM"]

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bitmig import defaults
-from bitmig.bitmap import DirtyBitmap
+from bitmig.core import defaults
+from bitmig.core.bitmap import DirtyBitmap
 from bitmig.protocol import encodings
 from bitmig.protocol.events import Bits, Zeroes
 from bitmig.protocol.spec import Encoding

@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitmig import defaults, tls
-from bitmig.assembly import Assembly
-from bitmig.bitmap import DirtyBitmap
-from bitmig.migration import Migration, MigrationOptions, MigrationResult
+from bitmig.core import defaults
+from bitmig.core.assembly import Assembly
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.core.store import Spool, Store, StoredMeta, StoreError
+from bitmig.daemon import tls
+from bitmig.daemon.migration import Migration, MigrationOptions, MigrationResult
+from bitmig.daemon.receiver import Receiver
+from bitmig.daemon.registry import Entry, Ownership, Registry, RegistryError
+from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.events import Start
-from bitmig.receiver import Receiver
-from bitmig.registry import Entry, Ownership, Registry, RegistryError
-from bitmig.store import Spool, Store, StoredMeta, StoreError
-from bitmig.trace import Trace
 
 log = logging.getLogger("bitmig")
 
@@ -209,7 +210,7 @@ class Daemon:
         return addr[0], addr[1]
 
     async def control(self, path: str) -> None:
-        from bitmig.control import serve_control
+        from bitmig.daemon.control import serve_control
 
         server = await serve_control(self, path)
         self._servers.append(server)
@@ -226,7 +227,7 @@ class Daemon:
         Returns the number stored."""
         if self.store is None:
             return 0
-        from bitmig.digest import tree_digest
+        from bitmig.core.digest import tree_digest
 
         n = 0
         for e in self.registry.owned():

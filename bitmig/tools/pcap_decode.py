@@ -4,8 +4,8 @@ Each TCP connection to the destination port is reassembled per direction by sequ
 number (out-of-order segments wait, retransmitted bytes are dropped), and the two byte
 streams are fed, in capture order, to a pair of sans-IO Connections: a DESTINATION view
 that receives what the source sent and a SOURCE view that receives what the destination
-sent. Every decoded frame becomes a `bitmig.trace.frame_record`, seen from the side the
-caller picks, so `bitmig trace show/summary` read captures and daemon traces alike.
+sent. Every decoded frame becomes a `bitmig.daemon.trace_writer.frame_record`, seen from
+the side the caller picks, so `bitmig trace show/summary` read captures and daemon traces alike.
 
 Needs dpkt (the `pcap` extra).
 """
@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from bitmig.daemon.trace_writer import frame_record
 from bitmig.protocol import spec
 from bitmig.protocol.codec import decode_body
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import ProtocolError
 from bitmig.protocol.events import Event
 from bitmig.protocol.state import Role
-from bitmig.trace import frame_record
 
 # Link-layer types met in practice (tcpdump -i lo/eth0/any, raw IP captures).
 DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_RAW_OPENBSD, DLT_LOOP = 0, 1, 101, 12, 108

@@ -6,13 +6,13 @@ import asyncio
 import time
 from collections import deque
 
-from bitmig import defaults
+from bitmig.core import defaults
+from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Error, Event
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import Role
-from bitmig.trace import Trace
 
 READ_SIZE = 4 << 20
 

@@ -1,6 +1,6 @@
 """A source daemon in its own process, for the memory and scale benchmarks.
 
-    python -m bitmig.benchmarks.child SIZE P HOST PORT
+    python -m bitmig.tools.benchmarks.child SIZE P HOST PORT
 
 Builds a SIZE-byte bitmap (each bit set with probability P), migrates it to HOST:PORT
 and prints one JSON line: the migration result and this process's memory (VmHWM).
@@ -12,11 +12,11 @@ import asyncio
 import json
 import sys
 
-from bitmig.benchmarks.common import bitmap_of, proc_status
+from bitmig.tools.benchmarks.common import bitmap_of, proc_status
 
 
 async def main(size: int, p: float, host: str, port: int) -> dict[str, object]:
-    from bitmig.daemon import Daemon
+    from bitmig.daemon.service import Daemon
 
     base = proc_status()
     bm = bitmap_of(size, p)

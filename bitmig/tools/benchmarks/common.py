@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from bitmig.bitmap import DirtyBitmap
-from bitmig.control import acall
-from bitmig.demo import start_dest
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.daemon.control import acall
+from bitmig.tools.demo import start_dest
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitmig.bitmap import DirtyBitmap
-from bitmig.digest import DigestCache
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.core.digest import DigestCache
 from bitmig.protocol import encodings
 from bitmig.protocol.errors import RemoteProtocolError
 from bitmig.protocol.events import Bits, Complete, Start, Zeroes

@@ -8,19 +8,19 @@ import time
 from typing import TYPE_CHECKING
 
 from bitmig import __version__
-from bitmig.assembly import Assembly
-from bitmig.channel import Channel, Timeout
+from bitmig.core.assembly import Assembly
+from bitmig.core.store import Spool, StoredMeta, StoreError
+from bitmig.daemon.channel import Channel, Timeout
+from bitmig.daemon.registry import Entry
 from bitmig.protocol import spec
 from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Ack, Bits, Complete, End, Hello, Mark, Ready, Start, Zeroes
+from bitmig.protocol.have import encode_have
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import BitmapState, Role
-from bitmig.registry import Entry
-from bitmig.resume import encode_have
-from bitmig.store import Spool, StoredMeta, StoreError
 
 if TYPE_CHECKING:
-    from bitmig.daemon import Daemon
+    from bitmig.daemon.service import Daemon
 
 log = logging.getLogger("bitmig.dest")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from blake3 import blake3
 
-from bitmig.bitmap import DirtyBitmap
+from bitmig.core.bitmap import DirtyBitmap
 from bitmig.protocol import spec
 
 BLOCK_WORDS = spec.DIGEST_BLOCK // 8

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bitmig import __version__
-from bitmig.migration import MigrationOptions
-from bitmig.registry import RegistryError
-from bitmig.units import parse_size
+from bitmig.core.units import parse_size
+from bitmig.daemon.migration import MigrationOptions
+from bitmig.daemon.registry import RegistryError
 
 if TYPE_CHECKING:
-    from bitmig.daemon import Daemon
+    from bitmig.daemon.service import Daemon
 
 MAX_REQUEST = 1 << 20
 
@@ -71,7 +71,7 @@ async def _list(d: Daemon, req: dict[str, Any]) -> Any:
 
 @command("query")
 async def _query(d: Daemon, req: dict[str, Any]) -> Any:
-    from bitmig.digest import tree_digest
+    from bitmig.core.digest import tree_digest
 
     e = d.registry.get(*_key(req))
     out = e.describe()

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from bitmig.control import acall
-from bitmig.daemon import Daemon
-from bitmig.migration import MigrationOptions
-from bitmig.units import format_size
-from bitmig.workload import Workload
+from bitmig.core.units import format_size
+from bitmig.daemon.control import acall
+from bitmig.daemon.migration import MigrationOptions
+from bitmig.daemon.service import Daemon
+from bitmig.tools.workload import Workload
 
 
 def dest_trace_path(path: str) -> str:

@@ -12,18 +12,20 @@ from typing import Any
 
 import numpy as np
 
-from bitmig import __version__, defaults, tls
-from bitmig.channel import Channel, Timeout
-from bitmig.digest import DigestCache
-from bitmig.planner import Planner
+from bitmig import __version__
+from bitmig.core import defaults
+from bitmig.core.digest import DigestCache
+from bitmig.core.planner import Planner
+from bitmig.daemon import tls
+from bitmig.daemon.channel import Channel, Timeout
+from bitmig.daemon.registry import Entry, Ownership, Registry
+from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol import spec
 from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Ack, Complete, End, Error, Hello, Mark, Ready, Start, Zeroes
+from bitmig.protocol.have import decode_have
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import Role
-from bitmig.registry import Entry, Ownership, Registry
-from bitmig.resume import decode_have
-from bitmig.trace import Trace
 
 WRITE_BUFFER_HIGH = 4 << 20  # bytes queued in the transport before the sender waits
 

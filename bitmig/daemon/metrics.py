@@ -14,11 +14,11 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.events import Event
-from bitmig.trace import Trace
 
 if TYPE_CHECKING:
-    from bitmig.daemon import Daemon
+    from bitmig.daemon.service import Daemon
 
 PHASES = ("setup", "bulk", "dirty", "completion", "done")
 

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from bitmig.registry import Entry, Ownership
+from bitmig.daemon.registry import Entry, Ownership
 
 TICK = 0.005  # seconds between batches
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from bitmig import defaults
-from bitmig.bitmap import ChangeTracker, DirtyBitmap
+from bitmig.core import defaults
+from bitmig.core.bitmap import ChangeTracker, DirtyBitmap
 
 
 class Ownership(Enum):
