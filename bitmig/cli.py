@@ -215,23 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from bitmig.protocol import spec
+    from bitmig.protocol import geometry, spec
 
-    if a.granularity < 1 or a.granularity & (a.granularity - 1):
+    # info explains any power-of-two geometry; whether it can migrate is the daemon's check
+    if not spec.is_power_of_two(a.granularity):
         print("bitmig info: granularity must be a power of two", file=sys.stderr)
         return 2
-    if a.chunk_size < 1 or a.chunk_size & (a.chunk_size - 1):
+    if not spec.is_power_of_two(a.chunk_size):
         print("bitmig info: chunk size must be a power of two", file=sys.stderr)
         return 2
-    nbits = -(-a.disk_size // a.granularity)
-    size = -(-nbits // 64) * 8
+    try:
+        geometry.check_geometry(a.disk_size, a.granularity, a.chunk_size)
+        why_not = None
+    except geometry.GeometryError as e:
+        why_not = str(e)
+    nbits = geometry.bit_count(a.disk_size, a.granularity)
+    size = geometry.serialized_size(a.disk_size, a.granularity)
     out = {
         "disk_size": a.disk_size, "granularity": a.granularity, "chunk_size": a.chunk_size,
-        "bits": nbits, "serialized_bytes": size, "chunks": -(-size // a.chunk_size),
+        "bits": nbits, "serialized_bytes": size,
+        "chunks": geometry.chunk_count(size, a.chunk_size),
         "meta_bit_covers_bytes": a.chunk_size * 8 * a.granularity,
         "small": size <= defaults.SMALL_THRESHOLD,
-        "migratable": a.chunk_size >= spec.MIN_CHUNK_SIZE and size <= spec.MAX_BITMAP_BYTES
-        and a.granularity >= spec.MIN_GRANULARITY,
+        "migratable": why_not is None,
     }
     if a.json:
         print(json.dumps(out))
@@ -242,9 +248,8 @@ def cmd_info(a: argparse.Namespace) -> int:
           + ("  [small: sent whole at completion]" if out["small"] else ""))
     print(f"chunks of {format_size(a.chunk_size)}: {out['chunks']}")
     print(f"one meta bit covers: {format_size(out['meta_bit_covers_bytes'])} of disk")
-    if not out["migratable"]:
-        print("note: this geometry cannot be migrated (chunk size < 8 B, granularity < 512 B, "
-              "or bitmap over the size limit)")
+    if why_not:
+        print(f"note: this geometry cannot be migrated: {why_not}")
     return 0
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bitmig.protocol import spec
+from bitmig.protocol import geometry, spec
 from bitmig.protocol.codec import decode_body, encode
 from bitmig.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Bits, Error, Event, Hello, Start, Zeroes
@@ -41,8 +41,7 @@ class BitmapGeometry:
 
 def geometry_of(start: Start) -> BitmapGeometry:
     """Check a start frame's geometry against the limits; raise bad_field/limit."""
-    nbits = -(-start.disk_size // start.granularity)
-    size = -(-nbits // 64) * 8
+    size = geometry.serialized_size(start.disk_size, start.granularity)
     if size > spec.MAX_BITMAP_BYTES:
         raise RemoteProtocolError(
             ErrorCode.LIMIT,
@@ -50,7 +49,7 @@ def geometry_of(start: Start) -> BitmapGeometry:
             f"{spec.MAX_BITMAP_BYTES}",
             start.id,
         )
-    return BitmapGeometry(start, size, -(-size // start.chunk_size))
+    return BitmapGeometry(start, size, geometry.chunk_count(size, start.chunk_size))
 
 
 class Connection:
@@ -281,13 +280,13 @@ class Connection:
 
     def _check_range(self, event: Bits | Zeroes, geo: BitmapGeometry,
                      err: type[ProtocolError]) -> None:
-        first, count, cs = event.first, event.count, geo.start.chunk_size
+        first, count = event.first, event.count
         if first >= geo.nchunks or count > geo.nchunks - first:
             raise err(ErrorCode.CHUNK_RANGE, f"chunks [{first}, {first + count}) outside "
                                              f"[0, {geo.nchunks}) of bitmap {event.id}")
         if type(event) is not Bits:
             return
-        raw = min((first + count) * cs, geo.serialized_size) - first * cs
+        raw = geometry.chunk_bytes(geo.serialized_size, geo.start.chunk_size, first, count)
         if raw > spec.MAX_FRAME_PAYLOAD:
             raise err(ErrorCode.CHUNK_RANGE, f"bits frame covers {raw} bytes, limit is "
                                              f"{spec.MAX_FRAME_PAYLOAD}")

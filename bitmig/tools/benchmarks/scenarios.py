@@ -19,6 +19,7 @@ from bitmig.core.planner import Planner
 from bitmig.daemon.migration import MigrationOptions, MigrationResult
 from bitmig.daemon.service import Daemon
 from bitmig.protocol import codec, encodings
+from bitmig.protocol.geometry import serialized_size
 from bitmig.tools.benchmarks.common import (
     GB,
     GRAN,
@@ -190,7 +191,7 @@ async def slow_link(quick: bool) -> dict[str, Any]:
     rate = 4e6
     disk = 250 * 10**9 if quick else 10**12
     gran = 16 * 1024
-    nbytes = -(-disk // gran // 64) * 8
+    nbytes = serialized_size(disk, gran)
     bm = bitmap_of(nbytes, 0.10, gran, seed=6, disk_size=disk)
     nominal = nbytes if quick else 8 * MiB
     limit_s = 2 * nominal / rate
