@@ -403,6 +403,8 @@ async def _run_source(a: argparse.Namespace) -> int:
 
 
 async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:
+    from bitmig.tools.progress import progress_printer
+
     host, port = a.migrate_to
     delay = a.retry_delay
     result = None
@@ -411,7 +413,7 @@ async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:
         if not keys:
             break
         result = await daemon.migrate(host, port, keys,
-                                      progress=_progress_printer(sys.stderr))
+                                      progress=progress_printer(sys.stderr))
         print(json.dumps({"attempt": attempt, **result.to_dict()}), flush=True)
         if result.ok:
             return 0
@@ -421,25 +423,6 @@ async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:
             await asyncio.sleep(delay)
             delay *= 2
     return 1
-
-
-def _progress_printer(stream: Any, every: float = 0.5) -> Any:
-    import time
-
-    last = [0.0]
-
-    def show(p: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if now - last[0] < every and p["phase"] not in ("completion", "done"):
-            return
-        last[0] = now
-        rate = p["bytes_sent"] / p["elapsed_s"] if p["elapsed_s"] > 0 else 0
-        print(f"  {p['elapsed_s']:7.2f}s  phase {p['phase']:<10} pass {p['pass']:>2}  "
-              f"sent {format_size(p['bytes_sent']):>10}  pending "
-              f"{format_size(p['pending_bytes']):>10}  {format_size(rate)}/s",
-              file=stream, flush=True)
-
-    return show
 
 
 def main(argv: list[str] | None = None) -> int:
