@@ -17,8 +17,8 @@ from bitmig.protocol.codec import encode_bytes
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import LocalProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Ack, Bits, Complete, End, Error, Hello, Ready, Start, Zeroes
-from bitmig.protocol.spec import ErrorCode
-from bitmig.protocol.state import BitmapState, ConnState, Role
+from bitmig.protocol.spec import ErrorCode, Role
+from bitmig.protocol.state import BitmapState, ConnState
 
 
 def hello(role: str, version: int = 1, min_version: int = 1) -> Hello:

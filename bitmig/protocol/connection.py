@@ -15,14 +15,13 @@ from bitmig.protocol import geometry, spec
 from bitmig.protocol.codec import decode_body, encode
 from bitmig.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Bits, Error, Event, Hello, Start, Zeroes
-from bitmig.protocol.spec import Encoding, ErrorCode, Kind
+from bitmig.protocol.spec import Encoding, ErrorCode, Kind, Role
 from bitmig.protocol.state import (
     BITMAP,
     CONNECTION,
     OPEN_BITMAP_STATES,
     BitmapState,
     ConnState,
-    Role,
 )
 
 # Called for every frame that crosses: (direction "send"/"recv", event, frame bytes).
@@ -213,7 +212,7 @@ class Connection:
         self.state = CONNECTION[key]
 
     def _on_hello(self, hello: Hello, sender: Role, err: type[ProtocolError]) -> None:
-        if hello.role != sender.value:
+        if hello.role != sender:
             raise err(ErrorCode.BAD_FIELD, f"hello.role is {hello.role!r}, expected "
                                            f"{sender.value!r}")
         if hello.min_version > hello.version:

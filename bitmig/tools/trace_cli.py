@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from bitmig.protocol.spec import Role
 from bitmig.tools.trace_records import read_trace, summarize
 
 
@@ -123,7 +124,7 @@ def add_trace_parser(sub: Any, formatter: Any) -> None:
                         "mig.pcap tcp port 7800; bitmig trace pcap mig.pcap --summary")
     c.add_argument("capture")
     c.add_argument("--port", type=int, default=7800, help="the destination's TCP port")
-    c.add_argument("--view", choices=["source", "destination"], default="source",
+    c.add_argument("--view", choices=list(Role), default=Role.SOURCE,
                    help="whose trace the records imitate (direction and peer)")
     c.add_argument("-o", "--output", metavar="PATH", help="write the records to PATH (JSONL)")
     g = c.add_mutually_exclusive_group()

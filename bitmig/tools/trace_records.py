@@ -8,6 +8,8 @@ import json
 from collections import Counter
 from typing import Any
 
+from bitmig.protocol.spec import Role
+
 
 def read_trace(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
@@ -18,8 +20,8 @@ def sent_by_source(r: dict[str, Any]) -> bool:
     """True for a frame record of a frame the source sent, whichever side traced it."""
     if r.get("type") != "frame":
         return False
-    side = r.get("side", "source")
-    return (r["dir"] == "send") == (side != "destination")
+    side = r.get("side", Role.SOURCE)
+    return (r["dir"] == "send") == (side != Role.DESTINATION)
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
