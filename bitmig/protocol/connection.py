@@ -15,7 +15,7 @@ from bitmig.protocol import geometry, spec
 from bitmig.protocol.codec import decode_body, encode
 from bitmig.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Bits, Error, Event, Hello, Start, Zeroes
-from bitmig.protocol.spec import Encoding, ErrorCode, Kind, Role
+from bitmig.protocol.spec import ErrorCode, Kind, Role
 from bitmig.protocol.state import (
     BITMAP,
     CONNECTION,
@@ -289,10 +289,10 @@ class Connection:
         if raw > spec.MAX_FRAME_PAYLOAD:
             raise err(ErrorCode.CHUNK_RANGE, f"bits frame covers {raw} bytes, limit is "
                                              f"{spec.MAX_FRAME_PAYLOAD}")
+        # Only the bound here (nothing longer than the chunks is ever buffered or inflated);
+        # the exact length of a raw payload, zlib or not, is checked once, by
+        # encodings.decode, where the decoded bytes exist.
         n = memoryview(event.data).nbytes
-        if event.enc == Encoding.RAW and n != raw:
-            raise err(ErrorCode.BAD_PAYLOAD, f"raw payload of {n} bytes for chunks "
-                                             f"[{first}, {first + count}) needs {raw}", event.id)
         if n > raw:
             raise err(ErrorCode.BAD_PAYLOAD, f"encoded payload of {n} bytes exceeds the "
                                              f"{raw} raw bytes it stands for", event.id)
