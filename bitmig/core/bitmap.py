@@ -98,6 +98,7 @@ class DirtyBitmap:
         self.nbits = bit_count(disk_size, granularity)
         self.nwords = serialized_size(disk_size, granularity) // 8
         self.chunk_words = chunk_size // 8
+        self.nchunks = chunk_count(self.nwords * 8, chunk_size)  # read per frame: computed once
         fresh = words is None
         if fresh:
             words = alloc_words(self.nwords)
@@ -114,10 +115,6 @@ class DirtyBitmap:
     @property
     def serialized_size(self) -> int:
         return self.nwords * 8
-
-    @property
-    def nchunks(self) -> int:
-        return chunk_count(self.serialized_size, self.chunk_size)
 
     def chunk_bytes(self, first: int, count: int) -> int:
         """Serialized bytes of chunks [first, first + count) (the last chunk may be short)."""
