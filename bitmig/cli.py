@@ -293,6 +293,7 @@ async def _run_dest(a: argparse.Namespace) -> int:
     from bitmig.core.store import StoreError
     from bitmig.daemon.service import Daemon, is_loopback
     from bitmig.daemon.tls import TLSConfigError
+    from bitmig.protocol.spec import Role
 
     host, port = a.listen
     try:
@@ -306,7 +307,7 @@ async def _run_dest(a: argparse.Namespace) -> int:
               "allow plain TCP on a non-loopback address", file=sys.stderr)
         return 2
     try:
-        daemon = Daemon("destination", a.state_dir, a.trace, _options(a), a.memory_budget,
+        daemon = Daemon(Role.DESTINATION, a.state_dir, a.trace, _options(a), a.memory_budget,
                         a.io_timeout, a.connect_timeout, server_ssl=server_ssl)
     except StoreError as e:
         print(f"bitmig dest: {e}", file=sys.stderr)
@@ -333,6 +334,7 @@ async def _run_source(a: argparse.Namespace) -> int:
     from bitmig.daemon.registry import RegistryError
     from bitmig.daemon.service import Daemon
     from bitmig.daemon.tls import TLSConfigError
+    from bitmig.protocol.spec import Role
     from bitmig.tools.workload import Workload
 
     try:
@@ -343,7 +345,7 @@ async def _run_source(a: argparse.Namespace) -> int:
     from bitmig.core.store import StoreError
 
     try:
-        daemon = Daemon("source", a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
+        daemon = Daemon(Role.SOURCE, a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
                         connect_timeout=a.connect_timeout, client_ssl=client_ssl)
     except StoreError as e:
         print(f"bitmig source: {e}", file=sys.stderr)

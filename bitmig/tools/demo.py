@@ -18,6 +18,7 @@ from bitmig.core.units import format_size
 from bitmig.daemon.control import acall
 from bitmig.daemon.migration import MigrationOptions
 from bitmig.daemon.service import Daemon
+from bitmig.protocol.spec import Role
 from bitmig.tools.progress import progress_printer
 from bitmig.tools.workload import Workload
 
@@ -53,7 +54,7 @@ async def demo(a: argparse.Namespace, show: Any) -> dict[str, Any]:
         try:
             opts = MigrationOptions(downtime_ms=a.downtime_ms, max_passes=a.max_passes,
                                     small_threshold=a.small_threshold)
-            src = Daemon("source", None, a.trace, opts)
+            src = Daemon(Role.SOURCE, None, a.trace, opts)
             rng = np.random.default_rng(a.seed)
             for i in range(a.bitmaps):
                 e = src.registry.add("drive0", f"bitmap{i}", a.disk_size, a.granularity,
