@@ -320,8 +320,14 @@ async def _run_dest(a: argparse.Namespace) -> int:
     print(f"listening on {h}:{p} control {a.control} state {a.state_dir}", flush=True)
     _stop_on_signals(daemon)
     await daemon.serve_forever()
-    await daemon.close()
-    return 0
+    return _report_unstored("dest", await daemon.close(), 0)
+
+
+def _report_unstored(cmd: str, failed: list[str], rc: int) -> int:
+    """Exit status after close: 1 when an owned bitmap could not be stored (named)."""
+    for msg in failed:
+        print(f"bitmig {cmd}: not stored: {msg}", file=sys.stderr)
+    return 1 if failed else rc
 
 
 def _stop_on_signals(daemon: Any) -> None:
@@ -400,8 +406,7 @@ async def _run_source(a: argparse.Namespace) -> int:
         await daemon.serve_forever()
     if workload:
         await workload.stop()
-    await daemon.close()
-    return rc
+    return _report_unstored("source", await daemon.close(), rc)
 
 
 async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:

@@ -88,6 +88,7 @@ class Daemon:
         self.active_migration: Migration | None = None
         self.store = Store(state_dir) if state_dir else None
         self.stored: dict[tuple[str, str], StoredMeta] = {}
+        self.persist_failures: list[str] = []  # bitmaps the last persist could not store
         self._servers: list[asyncio.AbstractServer] = []
         self._stopped = asyncio.Event()
         if self.store:
@@ -225,30 +226,48 @@ class Daemon:
     def persist(self) -> int:
         """Store every bitmap this daemon still owns (at shutdown): bitmaps created here,
         mutated after they arrived, or kept after a failed migration survive a restart.
-        Returns the number stored."""
+        Each is stored on its own: one that cannot be stored never stops the others (it is
+        named in self.persist_failures). Returns the number stored."""
+        self.persist_failures = []
         if self.store is None:
             return 0
-        from bitmig.core.digest import tree_digest
-
         n = 0
         for e in self.registry.owned():
-            if e.unsaved is not None and not e.unsaved.flags.any():
-                continue  # the stored copy is current: nothing to write
-            live = e.bitmap
-            e.unsaved = e.unsaved or live.add_tracker(live.chunk_words)
-            e.unsaved.flags[:] = False  # before the snapshot: a later change re-flags
-            # One snapshot for digest and data: control clients may still be writing.
-            bm = DirtyBitmap(live.disk_size, live.granularity, live.chunk_size,
-                             words=live.words.copy())
-            meta = StoredMeta(e.node, e.name, bm.disk_size, bm.granularity, bm.chunk_size,
-                              e.enabled, e.persistent, bm.count(), tree_digest(bm.words.data),
-                              time.time(), LOCAL, e.token or b"")
-            self.store.save(meta, bm)
-            self.stored[(e.node, e.name)] = meta
-            n += 1
+            try:
+                n += self._persist_one(e)
+            except (StoreError, OSError, ValueError) as err:
+                self.persist_failures.append(f"{e.node!r}/{e.name!r}: {err}")
         return n
 
-    async def close(self) -> None:
+    def _persist_one(self, e: Entry) -> int:
+        from bitmig.core.digest import tree_digest
+
+        assert self.store is not None
+        if e.unsaved is not None and not e.unsaved.flags.any():
+            return 0  # the stored copy is current: nothing to write
+        live = e.bitmap
+        tracker = e.unsaved or live.add_tracker(live.chunk_words)
+        e.unsaved = tracker
+        tracker.flags[:] = False  # before the snapshot: a later change re-flags
+        # One snapshot for digest and data: control clients may still be writing.
+        bm = DirtyBitmap(live.disk_size, live.granularity, live.chunk_size,
+                         words=live.words.copy())
+        meta = StoredMeta(
+            node=e.node, name=e.name, disk_size=bm.disk_size, granularity=bm.granularity,
+            chunk_size=bm.chunk_size, enabled=e.enabled, persistent=e.persistent,
+            count=bm.count(), digest=tree_digest(bm.words.data), stored_at=time.time(),
+            origin=LOCAL, token=e.token or b"")
+        try:
+            self.store.save(meta, bm)
+        except StoreError:
+            tracker.flags[:] = True  # not stored: a later persist tries again
+            raise
+        self.stored[(e.node, e.name)] = meta
+        return 1
+
+    async def close(self) -> list[str]:
+        """Stop serving and store what is owned; returns a message per bitmap that could
+        not be stored (empty when all were)."""
         for s in self._servers:
             s.close()
         for s in self._servers:
@@ -256,11 +275,11 @@ class Daemon:
                 await asyncio.wait_for(s.wait_closed(), 2)
             except TimeoutError:
                 pass
-        try:
-            await asyncio.to_thread(self.persist)
-        except StoreError as e:
-            log.error("could not store owned bitmaps at shutdown: %s", e)
+        await asyncio.to_thread(self.persist)
+        for msg in self.persist_failures:
+            log.error("could not store an owned bitmap at shutdown: %s", msg)
         self.trace.close()
+        return list(self.persist_failures)
 
     # -- migrating out ----------------------------------------------------------------
 
