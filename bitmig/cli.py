@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of bitmaps rebuilt at once; a start beyond it is refused with 'limit'")
     d.add_argument("--insecure", action="store_true",
                    default=None,
-                   help="allow listening on a non-loopback address without TLS")
+                   help="allow listening on a non-loopback address without TLS (and "
+                   "--metrics on a non-loopback address)")
     _add_tls(d, client=False)
     _add_common(d, "dest")
     _add_migration_opts(d)
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", default=_env("state_dir", None),
                    help="keep owned bitmaps here: loaded at start, stored at exit (so a "
                    "failed migration loses nothing); none: bitmaps live in memory only")
+    s.add_argument("--insecure", action="store_true", default=None,
+                   help="allow migrating in plain TCP to a non-loopback destination (and "
+                   "--metrics on a non-loopback address)")
     s.add_argument("--retries", type=int, default=int(_env("retries", defaults.RETRIES)),
                    help="attempts for --migrate-to before giving up")
     s.add_argument("--retry-delay", type=float, default=float(_env("retry_delay",
@@ -306,6 +310,8 @@ async def _run_dest(a: argparse.Namespace) -> int:
         print(f"bitmig dest: refusing to listen on {host} without TLS; pass --insecure to "
               "allow plain TCP on a non-loopback address", file=sys.stderr)
         return 2
+    if not _metrics_allowed("dest", a, insecure):
+        return 2
     try:
         daemon = Daemon(Role.DESTINATION, a.state_dir, a.trace, _options(a), a.memory_budget,
                         a.io_timeout, a.connect_timeout, server_ssl=server_ssl)
@@ -316,7 +322,7 @@ async def _run_dest(a: argparse.Namespace) -> int:
     await daemon.control(a.control)
     if a.metrics:
         from bitmig.daemon.metrics import serve_metrics
-        await serve_metrics(daemon, *a.metrics)
+        await serve_metrics(daemon, *a.metrics, allow_public=insecure)
     print(f"listening on {h}:{p} control {a.control} state {a.state_dir}", flush=True)
     _stop_on_signals(daemon)
     await daemon.serve_forever()
@@ -328,6 +334,17 @@ def _report_unstored(cmd: str, failed: list[str], rc: int) -> int:
     for msg in failed:
         print(f"bitmig {cmd}: not stored: {msg}", file=sys.stderr)
     return 1 if failed else rc
+
+
+def _metrics_allowed(cmd: str, a: argparse.Namespace, insecure: bool) -> bool:
+    """--metrics follows --listen's policy: plain HTTP off loopback only with --insecure."""
+    from bitmig.daemon.service import is_loopback
+
+    if a.metrics and not is_loopback(a.metrics[0]) and not insecure:
+        print(f"bitmig {cmd}: refusing to serve metrics on {a.metrics[0] or 'every address'} "
+              "(not loopback); pass --insecure to allow plain HTTP there", file=sys.stderr)
+        return False
+    return True
 
 
 def _stop_on_signals(daemon: Any) -> None:
@@ -348,11 +365,21 @@ async def _run_source(a: argparse.Namespace) -> int:
     except TLSConfigError as e:
         print(f"bitmig source: {e}", file=sys.stderr)
         return 2
+    from bitmig.daemon.service import is_loopback, plain_tcp_refusal
+
+    insecure = a.insecure or _env_flag("insecure")
+    if a.migrate_to and client_ssl is None and not insecure and not is_loopback(
+            a.migrate_to[0]):
+        print(f"bitmig source: {plain_tcp_refusal(a.migrate_to[0])}", file=sys.stderr)
+        return 2
+    if not _metrics_allowed("source", a, insecure):
+        return 2
     from bitmig.core.store import StoreError
 
     try:
         daemon = Daemon(Role.SOURCE, a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
-                        connect_timeout=a.connect_timeout, client_ssl=client_ssl)
+                        connect_timeout=a.connect_timeout, client_ssl=client_ssl,
+                        insecure=insecure)
     except StoreError as e:
         print(f"bitmig source: {e}", file=sys.stderr)
         return 2
@@ -377,7 +404,7 @@ async def _run_source(a: argparse.Namespace) -> int:
     await daemon.control(a.control)
     if a.metrics:
         from bitmig.daemon.metrics import serve_metrics
-        await serve_metrics(daemon, *a.metrics)
+        await serve_metrics(daemon, *a.metrics, allow_public=insecure)
     print(f"control {a.control}", flush=True)
     workload = None
     if a.workload_rate > 0:

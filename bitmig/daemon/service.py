@@ -57,6 +57,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def plain_tcp_refusal(host: str) -> str:
+    return (f"refusing to migrate to {host} in plain TCP (not loopback); give --tls-cert, "
+            "--tls-key and --tls-ca, or pass --insecure to allow it")
+
+
 class Daemon:
     def __init__(
         self,
@@ -69,8 +74,12 @@ class Daemon:
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         server_ssl: ssl_mod.SSLContext | None = None,
         client_ssl: ssl_mod.SSLContext | None = None,
+        insecure: bool = False,
     ) -> None:
         self.side = Role(side)  # a misspelt side fails here, not deep in a migration
+        # Plain TCP to a non-loopback destination only when asked (--insecure), as the
+        # destination's listen policy: migrate() refuses it otherwise.
+        self.insecure = insecure
         self.registry = Registry()
         self.trace = Trace(trace_path, self.side)
         self.options = options or MigrationOptions()
@@ -296,6 +305,8 @@ class Daemon:
         progress: Callable[[dict[str, Any]], None] | None = None,
         options: MigrationOptions | None = None,
     ) -> MigrationResult:
+        if self.client_ssl is None and not self.insecure and not is_loopback(host):
+            raise RegistryError("bad_request", plain_tcp_refusal(host))
         entries = self.select(keys)
         if not entries:
             raise RegistryError("bad_request", "no bitmaps to migrate")
