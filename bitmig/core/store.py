@@ -88,6 +88,25 @@ def check_names(node: str, name: str) -> None:
         raise StoreError(f"cannot store {node!r}/{name!r}: {problem}")
 
 
+def make_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create `path` and any missing parents with mode 0700, whatever the umask (mkdir's
+    mode is only ever narrowed by the umask; Path.mkdir(parents=True) would give parents
+    the umask's default). Directories that already exist are left as they are."""
+    p = Path(path)
+    missing = []
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass  # created meanwhile by someone else: theirs, not ours to change
+    return Path(path)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -102,7 +121,7 @@ class Store:
     def __init__(self, root: str | os.PathLike[str], clean: bool = True) -> None:
         self.dir = Path(root) / "bitmaps"
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.dir)
         except OSError as e:
             raise StoreError(f"cannot create state directory {self.dir}: {e}") from e
         if not os.access(self.dir, os.W_OK):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bitmig import __version__
+from bitmig.core.store import make_private_dir
 from bitmig.core.units import parse_size
 from bitmig.daemon.migration import MigrationOptions
 from bitmig.daemon.registry import RegistryError
@@ -241,7 +242,7 @@ async def handle_request(d: Daemon, line: bytes) -> dict[str, Any]:
 async def serve_control(d: Daemon, path: str) -> asyncio.AbstractServer:
     """Listen on a Unix socket with mode 0600: only the daemon's user may connect."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(p.parent)  # what we create is 0700; an existing parent is left alone
     if p.is_socket():
         p.unlink()
 
