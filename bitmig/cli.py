@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--memory-budget", type=_size, default=_size(str(_env(
         "memory_budget", defaults.MEMORY_BUDGET))),
         help="bytes of bitmaps rebuilt at once; a start beyond it is refused with 'limit'")
+    d.add_argument("--max-connections", type=int, default=int(_env(
+        "max_connections", defaults.MAX_CONNECTIONS)),
+        help="incoming connections served at once; more are closed at accept (before TLS)")
+    d.add_argument("--max-connections-per-peer", type=int, default=int(_env(
+        "max_connections_per_peer", defaults.MAX_CONNECTIONS_PER_PEER)),
+        help="of those, from one peer address")
     d.add_argument("--insecure", action="store_true",
                    default=None,
                    help="allow listening on a non-loopback address without TLS (and "
@@ -312,9 +318,15 @@ async def _run_dest(a: argparse.Namespace) -> int:
         return 2
     if not _metrics_allowed("dest", a, insecure):
         return 2
+    if a.max_connections < 1 or a.max_connections_per_peer < 1:
+        print("bitmig dest: --max-connections and --max-connections-per-peer must be at "
+              "least 1", file=sys.stderr)
+        return 2
     try:
         daemon = Daemon(Role.DESTINATION, a.state_dir, a.trace, _options(a), a.memory_budget,
-                        a.io_timeout, a.connect_timeout, server_ssl=server_ssl)
+                        a.io_timeout, a.connect_timeout, server_ssl=server_ssl,
+                        max_connections=a.max_connections,
+                        max_connections_per_peer=a.max_connections_per_peer)
     except StoreError as e:
         print(f"bitmig dest: {e}", file=sys.stderr)
         return 2

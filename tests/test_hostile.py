@@ -142,8 +142,10 @@ class Tracked(Receiver):
 async def dest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     Tracked.instances = []
     monkeypatch.setattr(bitmig.daemon.service, "Receiver", Tracked)
+    # Every hostile case connects at once from 127.0.0.1: the connection caps
+    # (tests/test_connections.py) are raised so that these tests reach the receiver.
     d = Daemon("destination", str(tmp_path / "d"), io_timeout=0.5, connect_timeout=0.5,
-               memory_budget=64 << 20)
+               memory_budget=64 << 20, max_connections=256, max_connections_per_peer=256)
     _, port = await d.listen("127.0.0.1", 0)
     yield d, port
     await d.close()

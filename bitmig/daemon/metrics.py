@@ -133,6 +133,12 @@ def render(daemon: Daemon) -> str:
                "migration.", [(side, round(m.last_downtime_ms / 1000, 6))])
     metric("errors_total", "counter", "Protocol errors by code.",
            [({**side, "code": c}, n) for c, n in sorted(daemon.errors.items())])
+    metric("connections_open", "gauge", "Incoming connections being served.",
+           [(side, sum(daemon.connections.values()))])
+    metric("connections_refused_total", "counter", "Incoming connections closed at accept "
+           "because a cap was reached, by cap (total, per_peer).",
+           [({**side, "reason": r}, daemon.refused_connections[r])
+            for r in ("total", "per_peer")])
     metric("owned_bitmaps", "gauge", "Bitmaps registered on this daemon.",
            [(side, len(daemon.registry.entries))])
     metric("start_time_seconds", "gauge", "When metrics collection started (Unix time).",

@@ -75,11 +75,18 @@ class Daemon:
         server_ssl: ssl_mod.SSLContext | None = None,
         client_ssl: ssl_mod.SSLContext | None = None,
         insecure: bool = False,
+        max_connections: int = defaults.MAX_CONNECTIONS,
+        max_connections_per_peer: int = defaults.MAX_CONNECTIONS_PER_PEER,
     ) -> None:
         self.side = Role(side)  # a misspelt side fails here, not deep in a migration
         # Plain TCP to a non-loopback destination only when asked (--insecure), as the
         # destination's listen policy: migrate() refuses it otherwise.
         self.insecure = insecure
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self.connections: Counter[str] = Counter()  # open incoming connections by peer address
+        self.refused_connections: Counter[str] = Counter()  # by reason: total, per_peer
+        self.connections_changed = asyncio.Event()  # set whenever either counter changes
         self.registry = Registry()
         self.trace = Trace(trace_path, self.side)
         self.options = options or MigrationOptions()
@@ -206,15 +213,46 @@ class Daemon:
 
     # -- serving ----------------------------------------------------------------------
 
+    def _admit(self, addr: str) -> str | None:
+        """Why a new connection from `addr` is refused (the cap it would pass), or None."""
+        if sum(self.connections.values()) >= self.max_connections:
+            return "total"
+        if self.connections[addr] >= self.max_connections_per_peer:
+            return "per_peer"
+        return None
+
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            # TLS is started here, not by start_server, so that a failed handshake is
-            # seen (logged, counted, traced) rather than dropped silently by asyncio.
-            if self.server_ssl is not None and not await tls.accept(self, w, self.server_ssl):
+            peer = w.get_extra_info("peername")
+            addr = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            reason = self._admit(addr)
+            if reason is not None:
+                # Over a cap: closed before TLS, a Receiver or any buffer of ours (a reset,
+                # so no TIME_WAIT state is kept either). Counted, traced, not logged one
+                # by one: a flood must not flood the log too.
+                w.transport.abort()
+                self.refused_connections[reason] += 1
+                self.connections_changed.set()
+                self.trace.event("refused", peer=addr, reason=reason)
                 return
-            await Receiver(self, r, w).run()
+            self.connections[addr] += 1
+            self.connections_changed.set()
+            try:
+                # TLS is started here, not by start_server, so that a failed handshake is
+                # seen (logged, counted, traced) rather than dropped silently by asyncio.
+                if self.server_ssl is not None and not await tls.accept(self, w,
+                                                                        self.server_ssl):
+                    return
+                await Receiver(self, r, w).run()
+            finally:
+                self.connections[addr] -= 1
+                if self.connections[addr] <= 0:
+                    del self.connections[addr]
+                self.connections_changed.set()
 
-        server = await asyncio.start_server(handle, host, port, limit=4 << 20)
+        # The read buffer limit bounds each connection's partly received input
+        # (defaults.CONNECTION_MEMORY); the connection caps bound their number.
+        server = await asyncio.start_server(handle, host, port, limit=defaults.READ_BUFFER)
         self._servers.append(server)
         addr = server.sockets[0].getsockname()
         self.trace.event("listening", host=addr[0], port=addr[1])
