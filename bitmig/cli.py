@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-passes", type=int, default=defaults.MAX_PASSES)
     m.add_argument("--small-threshold", type=_size, default=defaults.SMALL_THRESHOLD)
     m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--port", type=int, default=0,
+                   help="destination's loopback port, to capture it (0: any free port)")
 
     i = sub.add_parser("info", formatter_class=_Formatter,
                        help="sizes of a bitmap: serialized bytes, chunks, area per meta bit")

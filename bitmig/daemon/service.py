@@ -106,6 +106,7 @@ class Daemon:
         self.stored: dict[tuple[str, str], StoredMeta] = {}
         self.persist_failures: list[str] = []  # bitmaps the last persist could not store
         self._servers: list[asyncio.AbstractServer] = []
+        self._handlers: set[asyncio.Task[None]] = set()  # accepted, being served
         self._stopped = asyncio.Event()
         if self.store:
             good, bad = self.store.load_all()
@@ -237,6 +238,9 @@ class Daemon:
                 return
             self.connections[addr] += 1
             self.connections_changed.set()
+            task = asyncio.current_task()
+            if task is not None:  # always, inside start_server's handler task
+                self._handlers.add(task)
             try:
                 # TLS is started here, not by start_server, so that a failed handshake is
                 # seen (logged, counted, traced) rather than dropped silently by asyncio.
@@ -249,6 +253,7 @@ class Daemon:
                 if self.connections[addr] <= 0:
                     del self.connections[addr]
                 self.connections_changed.set()
+                self._handlers.discard(task)
 
         # The read buffer limit bounds each connection's partly received input
         # (defaults.CONNECTION_MEMORY); the connection caps bound their number.
@@ -257,6 +262,13 @@ class Daemon:
         addr = server.sockets[0].getsockname()
         self.trace.event("listening", host=addr[0], port=addr[1])
         return addr[0], addr[1]
+
+    async def connections_closed(self) -> None:
+        """Return once every connection accepted so far has been served to its end: its
+        bitmaps stored, parked or dropped, its budget released. Tests wait on this
+        instead of polling the daemon's state."""
+        while self._handlers:
+            await asyncio.wait(set(self._handlers))
 
     async def control(self, path: str) -> None:
         from bitmig.daemon.control import serve_control

@@ -15,6 +15,9 @@ import numpy as np
 from bitmig.daemon.registry import Entry, Ownership
 
 TICK = 0.005  # seconds between batches
+# Writes owed are capped at a few ticks' worth: on a machine too busy to keep up, the
+# workload writes less instead of owing ever larger batches that starve the migration.
+MAX_OWED_TICKS = 4
 
 
 class Workload:
@@ -66,7 +69,7 @@ class Workload:
         while True:
             await asyncio.sleep(TICK)
             now = time.monotonic()
-            owed += (now - last) * self.rate
+            owed = min(owed + (now - last) * self.rate, self.rate * TICK * MAX_OWED_TICKS)
             last = now
             n = int(owed)
             owed -= n
