@@ -12,6 +12,7 @@ Needs tcpdump 4.99+ and the right to capture on `lo` (root or CAP_NET_RAW).
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,3 +117,31 @@ class Capture:
                 self.proc.wait()
         self.stderr = "".join(self._err)
         assert re.search(r"^0 packets dropped by kernel", self.stderr, re.M), self.stderr
+
+
+# What docs/troubleshooting.md captures: the demo with these options, on a fixed port.
+DEMO_ARGS = ["--disk-size", "2T", "--dirty", "0.002", "--write-rate", "300000",
+             "--downtime-ms", "1", "--max-passes", "3"]
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def capture_demo(tmp: Path) -> dict:
+    """`bitmig demo` (troubleshooting.md's options) with its destination on a known port,
+    captured the way the document says: tcpdump on lo, whole packets, a large buffer."""
+    port = free_tcp_port()
+    cap, trace = tmp / "demo.pcap", tmp / "demo.trace"
+    capture = Capture(cap, port).start()
+    try:
+        r = subprocess.run([sys.executable, "-m", "bitmig", "demo", *DEMO_ARGS, "--port",
+                            str(port), "--json", "--trace", str(trace)],
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        capture.stop()  # the demo has exited: every packet it sent is in the file
+    assert r.returncode == 0, r.stderr
+    return {"port": port, "capture": cap, "source_trace": trace,
+            "dest_trace": Path(str(trace) + ".dest"), "summary": json.loads(r.stdout)}
