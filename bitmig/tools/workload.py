@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,12 +23,14 @@ MAX_OWED_TICKS = 4
 
 class Workload:
     def __init__(self, entries: list[Entry], rate: float, reset_fraction: float = 0.0,
-                 seed: int = 0, log: list[tuple[str, str, np.ndarray]] | None = None) -> None:
+                 seed: int = 0, log: list[tuple[str, str, np.ndarray]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.entries = entries
         self.rate = rate
         self.reset_fraction = reset_fraction
         self.rng = np.random.default_rng(seed)
         self.log = log
+        self.clock = clock  # tests pass a fake one
         self.writes = 0
         self.resets = 0
         self._task: asyncio.Task[None] | None = None
@@ -64,11 +67,11 @@ class Workload:
                 self.log.append((e.key, "set", bits[nres:].copy()))
 
     async def _run(self) -> None:
-        last = time.monotonic()
+        last = self.clock()
         owed = 0.0
         while True:
             await asyncio.sleep(TICK)
-            now = time.monotonic()
+            now = self.clock()
             owed = min(owed + (now - last) * self.rate, self.rate * TICK * MAX_OWED_TICKS)
             last = now
             n = int(owed)
