@@ -138,6 +138,9 @@ CASES = {
                         {"digest_mismatch", "unexpected"}),
     "frames_after_end": ([HELLO, Hello, encode_bytes(End()), End,
                           encode_bytes(START)], set()),
+    # PROTOCOL §5.1: frames already received after a valid end draw one fatal error, no end.
+    "end_then_frames": ([HELLO, Hello, encode_bytes(End()) + encode_bytes(START)],
+                        {"unexpected"}),
     "unknown_bitmap": (opened(bits(0, 1, b"\x00" * 64, bid=9)), {"unknown_bitmap"}),
     "truncated": ([HELLO, Hello, encode_bytes(START)[:-3]], set()),
     "slow_gaps": ([HELLO[:10], 0.2, HELLO[10:20], 0.6], {"timeout"}),
@@ -195,6 +198,7 @@ async def test_hostile_clients_with_an_honest_migration(dest) -> None:
         elif not want and not (closed or codes):
             bad[n] = got[n]
     assert not bad, bad
+    assert End not in [type(f) for f in got["end_then_frames"]], got["end_then_frames"]
     # The honest migration completed and verifies.
     assert d.registry.get("honest", "b").bitmap.sha256().hex() == result.bitmaps[0].sha256
     # Nothing is left in memory or reserved: every hostile connection was cleaned up.
