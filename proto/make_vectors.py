@@ -46,10 +46,11 @@ from bitmig.core.planner import Planner
 from bitmig.protocol import encodings, spec
 from bitmig.protocol.codec import encode_bytes, event_to_map
 from bitmig.protocol.connection import Connection
-from bitmig.protocol.errors import ProtocolError
+from bitmig.protocol.errors import ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import (
     EVENT_TYPES,
     Ack,
+    BitmapFailed,
     Bits,
     Complete,
     End,
@@ -61,6 +62,7 @@ from bitmig.protocol.events import (
     Start,
     Zeroes,
 )
+from bitmig.protocol.framing import pieces
 from bitmig.protocol.spec import Encoding, ErrorCode, Kind
 from bitmig.protocol.state import Role
 
@@ -669,21 +671,6 @@ def add_sessions() -> None:
 # -- checking ----------------------------------------------------------------------------------
 
 
-def split_frames(data: bytes) -> list[bytes]:
-    """Whole frames by their length prefixes, plus any incomplete tail."""
-    out, pos = [], 0
-    n = spec.LENGTH_PREFIX.size
-    while len(data) - pos >= n:
-        (size,) = spec.LENGTH_PREFIX.unpack_from(data, pos)
-        if size == 0 or len(data) - pos - n < size:
-            break
-        out.append(data[pos : pos + n + size])
-        pos += n + size
-    if pos < len(data):
-        out.append(data[pos:])
-    return out
-
-
 def event_from_json(m: dict[str, Any]) -> Event:
     kind = Kind[m["kind"].upper()]
     args: dict[str, Any] = {}
@@ -720,8 +707,10 @@ def check(v: dict[str, Any]) -> None:
     got: list[Event] = []
     err: ProtocolError | None = None
     try:
-        for piece in split_frames(bytes.fromhex(v["hex"])):
+        for piece in pieces(bytes.fromhex(v["hex"])):
             for e in conn.receive_data(piece):
+                if type(e) is BitmapFailed:  # one bitmap's error: the vector's error
+                    raise RemoteProtocolError(ErrorCode(e.code), e.message, e.id)
                 got.append(e)
                 model(e)
         if v["eof"]:

@@ -20,7 +20,7 @@ from bitmig.protocol import spec
 from bitmig.protocol.codec import decode_body
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import ProtocolError
-from bitmig.protocol.events import Bits, Complete, Error, Start, Zeroes
+from bitmig.protocol.events import BitmapFailed, Bits, Complete, Error, Start, Zeroes
 from bitmig.protocol.state import Role
 
 VECTORS = Path(__file__).resolve().parent.parent / "proto" / "vectors"
@@ -72,6 +72,8 @@ class Target:
                 asm = self.asms.pop(ev.id, None)
                 if asm is not None:
                     asm.verify(ev)
+            elif t is BitmapFailed:
+                self.asms.pop(ev.id, None)  # the receiver refuses it and goes on
             elif t is Error and ev.id is not None:
                 self.asms.pop(ev.id, None)  # the source aborted it: the receiver drops it
 

@@ -18,8 +18,18 @@ from bitmig.core.assembly import Assembly
 from bitmig.protocol import spec
 from bitmig.protocol.codec import encode, encode_bytes, event_to_map
 from bitmig.protocol.connection import Connection
-from bitmig.protocol.errors import ProtocolError
-from bitmig.protocol.events import EVENT_TYPES, Bits, Complete, Error, Event, Start, Zeroes
+from bitmig.protocol.errors import ProtocolError, RemoteProtocolError
+from bitmig.protocol.events import (
+    EVENT_TYPES,
+    BitmapFailed,
+    Bits,
+    Complete,
+    Error,
+    Event,
+    Start,
+    Zeroes,
+)
+from bitmig.protocol.framing import pieces as split_pieces
 from bitmig.protocol.spec import ErrorCode, Kind
 from bitmig.protocol.state import Role
 
@@ -68,20 +78,6 @@ def from_json(m: dict[str, Any]) -> Event:
     return EVENT_TYPES[kind](**args)
 
 
-def frames_of(data: bytes) -> list[bytes]:
-    """Split bytes at the length prefixes; an incomplete tail is its own piece."""
-    out, pos, n = [], 0, spec.LENGTH_PREFIX.size
-    while len(data) - pos >= n:
-        (size,) = spec.LENGTH_PREFIX.unpack_from(data, pos)
-        if size == 0 or len(data) - pos - n < size:
-            break
-        out.append(data[pos : pos + n + size])
-        pos += n + size
-    if pos < len(data):
-        out.append(data[pos:])
-    return out
-
-
 class Receiver:
     """A Connection of one role; on the destination, an Assembly per started bitmap."""
 
@@ -118,6 +114,8 @@ class Receiver:
         try:
             for piece in pieces:
                 for e in self.conn.receive_data(piece):
+                    if type(e) is BitmapFailed:  # one bitmap's error: the vector's error
+                        return got, RemoteProtocolError(ErrorCode(e.code), e.message, e.id)
                     got.append(e)
                     self.model(e)
             if eof:
@@ -131,7 +129,7 @@ def _run(v: dict[str, Any], pieces: list[bytes] | None = None):
     r = Receiver(Role(v["role"]))
     r.feed_context(v)
     data = bytes.fromhex(v["hex"])
-    return r.run(frames_of(data) if pieces is None else pieces, v["eof"])
+    return r.run(split_pieces(data) if pieces is None else pieces, v["eof"])
 
 
 @pytest.mark.parametrize("name", list(VECTORS))

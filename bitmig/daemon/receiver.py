@@ -14,7 +14,18 @@ from bitmig.daemon.channel import Channel, Timeout
 from bitmig.daemon.registry import Entry
 from bitmig.protocol import spec
 from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
-from bitmig.protocol.events import Ack, Bits, Complete, End, Hello, Mark, Ready, Start, Zeroes
+from bitmig.protocol.events import (
+    Ack,
+    BitmapFailed,
+    Bits,
+    Complete,
+    End,
+    Hello,
+    Mark,
+    Ready,
+    Start,
+    Zeroes,
+)
 from bitmig.protocol.have import encode_have
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import BitmapState, Role
@@ -65,7 +76,9 @@ class Receiver:
                     await self._refuse(e)  # that bitmap fails; the connection goes on
                     continue
                 t = type(ev)
-                if t is Bits or t is Zeroes:
+                if t is BitmapFailed:  # a frame broke that bitmap's rules
+                    await self._refuse(RemoteProtocolError(ErrorCode(ev.code), ev.message, ev.id))
+                elif t is Bits or t is Zeroes:
                     try:
                         self._apply(ev)
                     except RemoteProtocolError as e:
