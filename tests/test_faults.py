@@ -79,7 +79,7 @@ async def migrate_with_workload(src: Daemon, e: Entry, port: int, seed: int) -> 
 
 def _idle(dest: Daemon) -> bool:
     """No bitmap in flight: only bitmaps parked for a retry hold a name and budget."""
-    parked = sum(p.size for p in dest.partials.values())
+    parked = sum(p.cost for p in dest.partials.values())
     return dest.reserved == set(dest.partials) and dest.budget_used == parked
 
 
@@ -416,7 +416,7 @@ async def test_enospc_is_a_storage_error(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(bitmig.core.store.os, call, full)
     if call == "fdatasync":  # only the background sync calls it: make sure one runs
-        monkeypatch.setattr("bitmig.daemon.receiver.SYNC_EVERY", 1)
+        monkeypatch.setattr("bitmig.session.destination.SYNC_EVERY", 1)
     src, e = make_source("full", 5)
     before = e.bitmap.words.copy()
     result = await src.migrate("127.0.0.1", port)

@@ -204,7 +204,8 @@ async def test_hostile_clients_with_an_honest_migration(dest) -> None:
     # Nothing is left in memory or reserved: every hostile connection was cleaned up.
     await asyncio.wait_for(d.connections_closed(), 60)
     assert d.budget_used == 0 and not d.reserved
-    assert all(not r.assemblies and not r.spools for r in Tracked.instances)
+    assert all(not r.session.bitmaps and not r.tasks for r in Tracked.instances)
+    assert not d.spools.files and d.intake.held == 0
     assert len(Tracked.instances) == len(names) + 1
     files = sorted(p.name for p in (d.store.dir).iterdir())
     assert len(files) == 1 and ".tmp-" not in files[0], files

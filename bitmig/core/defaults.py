@@ -26,6 +26,11 @@ READ_BUFFER = 1 * MiB  # a connection's read buffer limit (asyncio pauses readin
 # What one connection's partly received input can hold at most: the paused read buffer
 # (2 x READ_BUFFER, plus one socket read of 256 KiB) and one partial frame.
 CONNECTION_MEMORY = 2 * READ_BUFFER + 256 * KiB + MAX_FRAME_BYTES
+# Every bitmap a destination holds costs at least this much of the budget (a descriptor
+# while it streams, a temp file, bookkeeping), however few bytes it serializes to.
+MIN_BITMAP_COST = 64 * KiB
+MAX_HELD_BITMAPS = 512  # bitmaps a destination holds at once (arriving + parked), all peers
+MAX_BITMAPS_PER_CONNECTION = 256  # of those, arriving on one connection
 DEMO_DISK_SIZE = 16 * (1 << 40)  # 16 TiB -> 32 MiB bitmap
 DEMO_DIRTY = 0.10  # fraction of clusters set before the migration
 DEMO_WRITE_RATE = 10_000  # random cluster writes per second during the migration

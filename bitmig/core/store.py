@@ -319,6 +319,21 @@ class Spool:
             raise StoreError(f"cannot store {meta.node}/{meta.name} in {self.dir}: {e}") from e
         return self.final
 
+    def close(self) -> None:
+        """Close the descriptor, keep the temp file (a parked bitmap holds no descriptor)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def reopen(self) -> None:
+        """Open the temp file again after close()."""
+        if self.fd >= 0:
+            return
+        try:
+            self.fd = os.open(self.tmp, os.O_RDWR)
+        except OSError as e:
+            raise StoreError(f"cannot reopen {self.tmp}: {e}") from e
+
     def abort(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

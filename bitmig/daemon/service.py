@@ -8,6 +8,7 @@ directory; any daemon can migrate bitmaps it owns onward.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -15,34 +16,24 @@ import ssl as ssl_mod
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bitmig.core import defaults
-from bitmig.core.assembly import Assembly
 from bitmig.core.bitmap import DirtyBitmap
-from bitmig.core.store import Spool, Store, StoredMeta, StoreError
+from bitmig.core.store import Store, StoredMeta, StoreError
 from bitmig.daemon import tls
 from bitmig.daemon.migration import Migration, MigrationOptions, MigrationResult
-from bitmig.daemon.receiver import Receiver
+from bitmig.daemon.receiver import Host, Receiver
 from bitmig.daemon.registry import Entry, Ownership, Registry, RegistryError
+from bitmig.daemon.spools import Spools
 from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.events import Start
 from bitmig.protocol.spec import Role
+from bitmig.session.destination import DiscardSpool, Intake, Note, Parked
+from bitmig.session.target import BitmapTarget
 
 log = logging.getLogger("bitmig")
-
-
-@dataclass
-class Partial:
-    """What a destination keeps of a bitmap whose connection dropped, for a retry."""
-
-    start: Start
-    assembly: Assembly
-    spool: Spool | None
-    size: int
-    timer: asyncio.TimerHandle
 
 
 LOCAL = "local"  # StoredMeta.origin of bitmaps this daemon stored itself (not received)
@@ -77,6 +68,8 @@ class Daemon:
         insecure: bool = False,
         max_connections: int = defaults.MAX_CONNECTIONS,
         max_connections_per_peer: int = defaults.MAX_CONNECTIONS_PER_PEER,
+        target: BitmapTarget | None = None,
+        max_bitmaps: int = defaults.MAX_HELD_BITMAPS,
     ) -> None:
         self.side = Role(side)  # a misspelt side fails here, not deep in a migration
         # Plain TCP to a non-loopback destination only when asked (--insecure), as the
@@ -91,18 +84,20 @@ class Daemon:
         self.trace = Trace(trace_path, self.side)
         self.options = options or MigrationOptions()
         self.memory_budget = memory_budget
-        self.budget_used = 0
         self.io_timeout = io_timeout
         self.connect_timeout = connect_timeout
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
-        self.reserved: set[tuple[str, str]] = set()
-        self.partials: dict[tuple[str, str], Partial] = {}
-        self.resume_timeout = defaults.RESUME_TIMEOUT
+        self.target = target  # where received bitmaps are delivered besides the store
         self.errors: Counter[str] = Counter()
         self.migrations: list[MigrationResult] = []
         self.active_migration: Migration | None = None
         self.store = Store(state_dir) if state_dir else None
+        # Admission of arriving bitmaps (budget, names, caps, parked ones): sans-IO.
+        self.intake = Intake(memory_budget, max_bitmaps=max_bitmaps,
+                             durable=self.store is not None)
+        self.spools = Spools(self.store)
+        self._expiry: asyncio.TimerHandle | None = None
         self.stored: dict[tuple[str, str], StoredMeta] = {}
         self.persist_failures: list[str] = []  # bitmaps the last persist could not store
         self._servers: list[asyncio.AbstractServer] = []
@@ -138,47 +133,31 @@ class Daemon:
             or (self.store is not None and self.store.exists(node, name))
         )
 
-    # -- resume -----------------------------------------------------------------------
+    # -- receiving ---------------------------------------------------------------------
 
-    def park(self, start: Start, asm: Assembly, spool: Spool | None, size: int) -> None:
-        """Keep a dropped bitmap's chunks for a retry with the same token (its budget and
-        its name stay taken) until resume_timeout passes."""
-        key = (start.node, start.name)
-        timer = asyncio.get_running_loop().call_later(self.resume_timeout, self._expire, key)
-        self.partials[key] = Partial(start, asm, spool, size, timer)
-        self.trace.event("parked", bitmap=f"{start.node}/{start.name}",
-                         held_chunks=int(asm.received.sum()))
+    @property
+    def budget_used(self) -> int:
+        return self.intake.budget_used
 
-    def _expire(self, key: tuple[str, str]) -> None:
-        p = self.partials.pop(key, None)
-        if p is None:
-            return
-        p.timer.cancel()
-        if p.spool is not None:
-            p.spool.abort()
-        self.release_budget(p.size)
-        self.reserved.discard(key)
-        self.trace.event("discarded", bitmap=f"{key[0]}/{key[1]}")
+    @property
+    def reserved(self) -> set[tuple[str, str]]:
+        """Names being received or parked."""
+        return self.intake.reserved
 
-    def claim(self, start: Start) -> Partial | None:
-        """The parked chunks of this bitmap, when the start is a retry of the same
-        migration (same token, same geometry); a parked bitmap that does not match is
-        discarded: a fresh start must not be mixed with another attempt's chunks."""
-        key = (start.node, start.name)
-        p = self.partials.get(key)
-        if p is None:
-            return None
-        s = p.start
-        if (start.token is None or start.token != s.token or
-                (s.disk_size, s.granularity, s.chunk_size) !=
-                (start.disk_size, start.granularity, start.chunk_size)):
-            self._expire(key)
-            return None
-        del self.partials[key]
-        p.timer.cancel()
-        return p
+    @property
+    def partials(self) -> dict[tuple[str, str], Parked]:
+        """Bitmaps parked for a resume, by name."""
+        return self.intake.parked
 
-    def replaceable(self, start: Start) -> Entry | None:
+    @property
+    def resume_timeout(self) -> float:
+        return self.intake.resume_timeout
+
+    @resume_timeout.setter
+    def resume_timeout(self, seconds: float) -> None:
+        self.intake.resume_timeout = seconds
+
+    def replaceable(self, start: Start) -> DirtyBitmap | None:
         """A bitmap stored here by an earlier attempt of the same migration whose ack was
         lost: the source still owns it too. It may be replaced by this attempt as long as
         nothing changed it here since it arrived (its meta bitmap is clean)."""
@@ -187,30 +166,49 @@ class Daemon:
         if (e is None or meta is None or start.token is None or meta.token != start.token
                 or e.state is not Ownership.OWNED or e.bitmap.meta.count()):
             return None
-        return e
+        return e.bitmap
 
-    def take_budget(self, n: int) -> bool:
-        if self.budget_used + n > self.memory_budget:
-            return False
-        self.budget_used += n
-        return True
+    def own(self, meta: StoredMeta, bm: DirtyBitmap, replace: bool) -> None:
+        """A received bitmap, verified (and stored, with a state directory), is ours."""
+        if not meta.stored_at:
+            meta = dataclasses.replace(meta, stored_at=time.time())
+        if replace:  # the rename replaced the stored file; now the registry entry
+            self.registry.entries.pop((meta.node, meta.name), None)
+        self._adopt(meta, bm)
 
-    def release_budget(self, n: int) -> None:
-        self.budget_used -= n
+    def unstore(self, node: str, name: str) -> None:
+        """The target refused a bitmap already stored: no copy may look valid."""
+        if self.store is not None:
+            self.store.remove(node, name)
+        self.stored.pop((node, name), None)
+
+    def _arm_expiry(self) -> None:
+        """One timer for the earliest expiry of a parked bitmap."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        when = self.intake.next_timer()
+        if when is not None:
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(0.0, when - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        for a in self.intake.handle_timer(time.monotonic()):
+            if type(a) is DiscardSpool:
+                self.spools.discard(a.spool)
+            elif type(a) is Note:
+                self.trace.event(a.what, **a.fields)
+        self._arm_expiry()
+
+    def host(self) -> Host:
+        """The parts of this daemon a receiver uses."""
+        return Host(self.intake, _Stored(self), self.spools, self.own, self.unstore,
+                    self._arm_expiry, self.count_error, self.trace, self.target,
+                    self.io_timeout, self.connect_timeout)
 
     def count_error(self, code: str) -> None:
         self.errors[str(code)] += 1
-
-    async def commit(self, meta: StoredMeta, bm: DirtyBitmap, spool: Spool | None = None,
-                     replace: bool = False) -> None:
-        """Store a verified bitmap durably, then own it. Raises StoreError."""
-        if spool is not None:
-            await asyncio.to_thread(spool.commit, meta)
-        elif self.store is not None:
-            await asyncio.to_thread(self.store.save, meta, bm)
-        if replace:  # the rename above replaced the stored file; now the registry entry
-            self.registry.entries.pop((meta.node, meta.name), None)
-        self._adopt(meta, bm)
 
     # -- serving ----------------------------------------------------------------------
 
@@ -247,7 +245,7 @@ class Daemon:
                 if self.server_ssl is not None and not await tls.accept(self, w,
                                                                         self.server_ssl):
                     return
-                await Receiver(self, r, w).run()
+                await Receiver(self.host(), r, w).run()
             finally:
                 self.connections[addr] -= 1
                 if self.connections[addr] <= 0:
@@ -327,6 +325,8 @@ class Daemon:
     async def close(self) -> list[str]:
         """Stop serving and store what is owned; returns a message per bitmap that could
         not be stored (empty when all were)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
         for s in self._servers:
             s.close()
         for s in self._servers:
@@ -376,6 +376,19 @@ class Daemon:
                     self.store.remove(b.node, b.name)
                     self.stored.pop((b.node, b.name), None)
         return result
+
+
+class _Stored:
+    """What a destination session may ask of the bitmaps this daemon owns or stored."""
+
+    def __init__(self, d: Daemon) -> None:
+        self._d = d
+
+    def holds(self, node: str, name: str) -> bool:
+        return self._d.holds(node, name)
+
+    def replaceable(self, start: Start) -> DirtyBitmap | None:
+        return self._d.replaceable(start)
 
 
 def control_path_default(side: str) -> str:
