@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-connections-per-peer", type=int, default=int(_env(
         "max_connections_per_peer", defaults.MAX_CONNECTIONS_PER_PEER)),
         help="of those, from one peer address")
+    d.add_argument("--max-bitmaps", type=int, default=int(_env(
+        "max_bitmaps", defaults.MAX_HELD_BITMAPS)),
+        help="bitmaps held at once (arriving or parked), all connections; a start beyond "
+             "it is refused with 'limit'")
     d.add_argument("--insecure", action="store_true",
                    default=None,
                    help="allow listening on a non-loopback address without TLS (and "
@@ -328,7 +332,8 @@ async def _run_dest(a: argparse.Namespace) -> int:
         daemon = Daemon(Role.DESTINATION, a.state_dir, a.trace, _options(a), a.memory_budget,
                         a.io_timeout, a.connect_timeout, server_ssl=server_ssl,
                         max_connections=a.max_connections,
-                        max_connections_per_peer=a.max_connections_per_peer)
+                        max_connections_per_peer=a.max_connections_per_peer,
+                        max_bitmaps=a.max_bitmaps)
     except StoreError as e:
         print(f"bitmig dest: {e}", file=sys.stderr)
         return 2

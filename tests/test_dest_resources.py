@@ -24,6 +24,8 @@ from bitmig.daemon.service import Daemon
 from bitmig.protocol import spec
 from bitmig.protocol.codec import encode_bytes
 from bitmig.protocol.events import Ack, Complete, Error, Hello, Ready, Start
+from bitmig.protocol.spec import ErrorCode
+from bitmig.session.target import Incoming, TargetError
 
 HELLO = encode_bytes(Hello(1, 1, "source", spec.CAPABILITIES))
 TOKEN = b"r" * 16
@@ -216,3 +218,40 @@ def test_descriptor_limited_destination_survives_hostile_peers(tmp_path: Path) -
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class FakeTarget:
+    """Refuses `refuse_check` at check and `refuse_deliver` at deliver; takes the rest."""
+
+    description = "fake target"
+
+    def __init__(self) -> None:
+        self.delivered: dict[str, bytes] = {}
+
+    async def check(self, bitmap: Incoming) -> None:
+        if bitmap.name == "refuse_check":
+            raise TargetError(ErrorCode.EXISTS, "the node already has refuse_check")
+
+    async def deliver(self, bitmap: Incoming, data: DirtyBitmap) -> None:
+        if bitmap.name == "refuse_deliver":
+            raise TargetError(ErrorCode.STORAGE, "the image is read-only")
+        self.delivered[bitmap.name] = data.sha256().hex()
+
+
+async def test_delivery_target(tmp_path: Path) -> None:
+    target = FakeTarget()
+    d, port, _ended = await dest_daemon(tmp_path, target=target)
+    src = Daemon("source", options=MigrationOptions(small_threshold=0, frame_payload=64 << 10))
+    for name in ("ok", "refuse_check", "refuse_deliver"):
+        e = src.registry.add("n", name, 1 << 36, 65536, 1024)
+        e.bitmap.fill_random(0.1, np.random.default_rng(len(name)))
+    result = await src.migrate("127.0.0.1", port)
+    got = {b.name: b for b in result.bitmaps}
+    assert got["ok"].ok and target.delivered == {"ok": got["ok"].sha256}
+    assert not got["refuse_check"].ok and "already has" in got["refuse_check"].error
+    assert not got["refuse_deliver"].ok and "read-only" in got["refuse_deliver"].error
+    # A bitmap the target refused leaves no stored copy that looks valid.
+    assert {(m.node, m.name) for m, _ in d.store.load_all()[0]} == {("n", "ok")}
+    assert set(d.registry.entries) == {("n", "ok")}
+    assert d.budget_used == 0 and not temp_files(d)
+    await d.close()

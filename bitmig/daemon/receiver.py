@@ -22,7 +22,7 @@ from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Ack, Error
 from bitmig.protocol.spec import ErrorCode, Role
-from bitmig.protocol.state import BitmapState
+from bitmig.protocol.state import BitmapState, ConnState
 from bitmig.session import destination as ds
 from bitmig.session.target import BitmapTarget, TargetError
 
@@ -120,9 +120,11 @@ class Receiver:
             if t is ds.WriteRange:
                 self._write(a)
             elif t is ds.Send:
-                if type(a.event) is Ack and ch.conn.bitmap_state(a.event.id) is not \
-                        BitmapState.COMPLETING:
-                    continue  # the source aborted it meanwhile: owned here, not acked
+                if ch.conn.state is ConnState.FAILED or (type(a.event) is Ack and ch.conn.
+                                                         bitmap_state(a.event.id) is not
+                                                         BitmapState.COMPLETING):
+                    continue  # the source failed the connection (read in the same
+                    # batch) or aborted the bitmap (owned here then, not acked)
                 ch.write(a.event)
                 sent = True
             elif t is ds.Refuse:

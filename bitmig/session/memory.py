@@ -10,7 +10,7 @@ from bitmig.core.bitmap import DirtyBitmap
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Error, Event, Received, Start
-from bitmig.protocol.state import Role
+from bitmig.protocol.state import ConnState, Role
 from bitmig.session import destination as ds
 
 
@@ -79,6 +79,8 @@ class MemoryDestination:
         return ev
 
     def _send(self, ev: Event) -> None:
+        if self.conn.state is ConnState.FAILED:
+            return  # a fatal error frame from the source came in the same read: mute
         self.conn.send(ev)  # the state machine checks what the session sends
         self.sent.append(ev)
 
