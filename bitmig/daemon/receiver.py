@@ -77,17 +77,14 @@ class Receiver:
                 elif acts:
                     await self._do(acts)
             h.trace.event("outcome", peer=ch.peer, ok=True)
-        except ProtocolError as e:
-            cut = e.code in CUT
+        except (ProtocolError, Timeout) as e:
+            err = e if isinstance(e, ProtocolError) else RemoteProtocolError(
+                ErrorCode.TIMEOUT, str(e))
+            cut = type(e) is Timeout or err.code in CUT  # else a violation found here
             log.warning("%s: %s", ch.peer, e)
-            h.count_error(e.code)
-            h.trace.event("error", peer=ch.peer, code=str(e.code), message=e.message)
-            await ch.fail(e)
-        except Timeout as e:
-            log.warning("%s: %s", ch.peer, e)
-            h.count_error(ErrorCode.TIMEOUT)
-            h.trace.event("error", peer=ch.peer, code="timeout", message=str(e))
-            await ch.fail(RemoteProtocolError(ErrorCode.TIMEOUT, str(e)))
+            h.count_error(err.code)
+            h.trace.event("error", peer=ch.peer, code=str(err.code), message=err.message)
+            await ch.fail(err)
         except (PeerError, OSError) as e:
             log.warning("%s: %s", ch.peer, e)
             h.trace.event("error", peer=ch.peer, code="peer", message=str(e))
@@ -138,7 +135,8 @@ class Receiver:
                 self._later(self._sync(a))
             elif t is ds.Allocate:
                 try:
-                    done = ds.Allocated(a.id, await asyncio.to_thread(_build, a.start, a.base))
+                    done = ds.Allocated(a.id, await asyncio.to_thread(
+                        Assembly.replacing, a.start, a.base))
                 except (ValueError, MemoryError) as e:
                     done = ds.AllocFailed(a.id, str(e))
             elif t is ds.OpenSpool or t is ds.ReopenSpool:
@@ -162,10 +160,8 @@ class Receiver:
                     done = ds.StoreFailed(a.id, str(e))
             elif t is ds.Check or t is ds.Deliver:
                 try:
-                    if t is ds.Check:
-                        await h.target.check(a.bitmap)
-                    else:
-                        await h.target.deliver(a.bitmap, a.data)
+                    await (h.target.check(a.bitmap) if t is ds.Check else
+                           h.target.deliver(a.bitmap, a.data))
                     done = ds.TargetOk(a.id)
                 except TargetError as e:
                     done = ds.TargetRefused(a.id, ErrorCode(e.code), e.message)
@@ -181,9 +177,9 @@ class Receiver:
             await ch.drain()
 
     async def _sync(self, a: ds.Sync) -> None:
+        err = None
         try:
             await self.host.spools.sync(a.spool)
-            err = None
         except StoreError as e:
             err = str(e)
         try:
@@ -191,11 +187,3 @@ class Receiver:
         except (OSError, ProtocolError, Timeout) as e:  # the connection failed meanwhile
             log.warning("%s: %s", self.ch.peer, e)
 
-
-def _build(start, base: DirtyBitmap | None) -> Assembly:
-    """A bitmap up to 4 GiB: built in a worker thread, off the event loop."""
-    asm = Assembly(start)
-    if base is not None:  # the lost-ack retry starts from the stored copy
-        asm.bitmap.deserialize(0, asm.bitmap.nchunks, base.words)
-        asm.received[:] = True
-    return asm

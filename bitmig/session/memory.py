@@ -96,7 +96,7 @@ class MemoryDestination:
                 self.conn.error_frame(RemoteProtocolError(a.code, a.message, a.id))
                 self.refused.append(a)
             elif t is ds.Allocate:
-                done = ds.Allocated(a.id, Assembly(a.start))
+                done = ds.Allocated(a.id, Assembly.replacing(a.start, a.base))
             elif t is ds.Own:
                 self.owned[(a.meta.node, a.meta.name)] = a.bitmap
             elif t is ds.Sync:
