@@ -282,6 +282,15 @@ def test_not_qcow2_is_refused(tmp_path: Path) -> None:
         ImageTarget(raw)
 
 
+def test_version_2_image_holds_no_bitmaps_and_takes_none(src_image: Path, tmp_path: Path) -> None:
+    v2 = tmp_path / "v2.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(v2), "4G")
+    assert qcow2.read_bitmaps(v2) == []
+    with pytest.raises(qcow2.NotQcow2Error, match="version 2"):
+        qemu_img.import_bitmap(v2, qcow2.read_bitmaps(src_image, ["daily"])[0])
+    assert qemu_img.info(v2)["format-specific"]["data"]["compat"] == "0.10"
+
+
 def test_inconsistent_extension_is_refused(src_image: Path, tmp_path: Path) -> None:
     """autoclear bit 0 cleared (what a program without bitmap support does): QEMU ignores
     every bitmap, and bitmig refuses the image with a clear error."""

@@ -123,6 +123,11 @@ def check_import(
 ) -> qcow2.ImageHeader:
     """Refuse early what import_bitmap would refuse; the image's header on success."""
     header = qcow2.read_header(_existing(image))
+    if header.version < 3:
+        raise qcow2.NotQcow2Error(
+            f"{image}: qcow2 version 2 (compat 0.10) cannot hold persistent bitmaps; "
+            "upgrade it with: qemu-img amend -f qcow2 -o compat=1.1 IMAGE"
+        )
     qcow2.check_bitmap_limits(header.virtual_size, granularity, name, header.cluster_size)
     if disk_size is not None and disk_size != header.virtual_size:
         raise qcow2.LimitError(
