@@ -210,6 +210,8 @@ def read_header(path: str | os.PathLike[str]) -> ImageHeader:
     fd = _open(path)
     try:
         return _read_header(fd, str(path))
+    except OSError as e:  # an I/O error of the disk under the image
+        raise Qcow2Error(f"{path}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
 
@@ -222,9 +224,8 @@ def _read_header(fd: int, path: str) -> ImageHeader:
         raise Qcow2Error(f"{path}: cannot read: {e.strerror}") from None
     if len(head) < HEADER_V2_LEN or head[:4] != QCOW2_MAGIC:
         raise NotQcow2Error(f"{path}: not a qcow2 image (no QFI\\xfb magic)")
-    version, cluster_bits, size = struct.unpack_from(">I", head, 4)[0], *struct.unpack_from(
-        ">IQ", head, 20
-    )
+    (version,) = struct.unpack_from(">I", head, 4)
+    cluster_bits, size = struct.unpack_from(">IQ", head, 20)  # bytes 20-23, 24-31
     if version not in (2, 3):
         raise NotQcow2Error(f"{path}: qcow2 version {version} is not supported (2 or 3)")
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
@@ -389,6 +390,8 @@ def read_bitmaps(
                     "not close it cleanly); its bits on disk are stale"
                 )
         return [_read_bits(fd, header, e) for e in chosen]
+    except OSError as e:
+        raise Qcow2Error(f"{path}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
 
