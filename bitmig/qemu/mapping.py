@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitmig.protocol.spec import MAX_NAME_BYTES
+from bitmig.protocol.spec import name_problem
 
 
 class MappingError(ValueError):
@@ -42,10 +42,9 @@ class Rule:
 
 
 def _check_name(what: str, value: str) -> str:
-    if not value:
-        raise MappingError(f"{what} must not be empty")
-    if len(value.encode()) > MAX_NAME_BYTES:
-        raise MappingError(f"{what} longer than {MAX_NAME_BYTES} bytes")
+    problem = name_problem(value, what)  # the one rule for names, everywhere in bitmig
+    if problem:
+        raise MappingError(problem)
     return value
 
 
