@@ -332,6 +332,8 @@ def _read_directory(
             raise InconsistentError(f"{path}: bitmap name {raw!r} is not UTF-8") from None
         if extra:
             raise InconsistentError(f"{path}: bitmap {name!r} has extra data (unsupported)")
+        if "\0" in name:  # QEMU keeps names as C strings: it never writes one with NUL
+            raise InconsistentError(f"{path}: bitmap name {name!r} holds a NUL character")
         in_use = bool(flags & FLAG_IN_USE)
         bad = (
             t_size == 0
