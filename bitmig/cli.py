@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None,
                    help="allow listening on a non-loopback address without TLS (and "
                    "--metrics on a non-loopback address)")
+    d.add_argument("--qcow2", default=None, metavar="IMAGE",
+                   help="deliver each received bitmap into this closed qcow2 image (through "
+                   "qemu-img, verified) before acknowledging it; see docs/qemu.md")
+    d.add_argument("--map", action="append", default=None, metavar="RULE",
+                   help="names in the --qcow2 image: SRC_NODE[:NAME]=[DST_NODE][:NAME] "
+                   "(repeatable) or @FILE (JSON)")
+    d.add_argument("--replace", action="store_true",
+                   help="with --qcow2: replace a bitmap of the same name (else refused)")
     _add_tls(d, client=False)
     _add_common(d, "dest")
     _add_migration_opts(d)
@@ -338,12 +346,20 @@ async def _run_dest(a: argparse.Namespace) -> int:
         print("bitmig dest: --max-connections and --max-connections-per-peer must be at "
               "least 1", file=sys.stderr)
         return 2
+    target = None
+    if a.qcow2:
+        from bitmig.tools.qemu_cli import image_target
+
+        target, err = image_target(a.qcow2, a.map, a.replace)
+        if err:
+            print(f"bitmig dest: {err}", file=sys.stderr)
+            return 2
     try:
         daemon = Daemon(Role.DESTINATION, a.state_dir, a.trace, _options(a), a.memory_budget,
                         a.io_timeout, a.connect_timeout, server_ssl=server_ssl,
                         max_connections=a.max_connections,
                         max_connections_per_peer=a.max_connections_per_peer,
-                        max_bitmaps=a.max_bitmaps)
+                        max_bitmaps=a.max_bitmaps, target=target)
     except StoreError as e:
         print(f"bitmig dest: {e}", file=sys.stderr)
         return 2

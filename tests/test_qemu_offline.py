@@ -416,3 +416,33 @@ def run_bitmig_module(module: str, *args: str) -> str:
                        timeout=600)
     assert p.returncode == 0, p.stderr
     return p.stdout
+
+
+def test_image_to_image_with_dest_qcow2(src_image: Path, tmp_path: Path) -> None:
+    """bitmig dest --qcow2: each bitmap is in the image (QEMU's view) before its ack."""
+    out_image = create(tmp_path / "out.qcow2", 4 * GiB)
+    dest = subprocess.Popen(
+        [*BITMIG, "dest", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "ds"),
+         "--control", str(tmp_path / "d.sock"), "--qcow2", str(out_image),
+         "--map", "vda:daily=:daily-moved"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = dest.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), dest.stderr.read()
+        port = line.split()[2].rsplit(":", 1)[1]
+        src = run_bitmig("source", "--qcow2", str(src_image), "--control",
+                         str(tmp_path / "s.sock"), "--migrate-to", f"127.0.0.1:{port}")
+        assert src.returncode == 0, src.stderr
+        assert json.loads(src.stdout.strip().splitlines()[-1])["ok"]
+        # acknowledged means delivered: QEMU sees every bitmap now, dest still running
+        sums = qemu_sha256s(out_image)
+    finally:
+        dest.terminate()
+        dest.wait(timeout=30)
+    want = qemu_sha256s(src_image)
+    want["daily-moved"] = want.pop("daily")
+    assert sums == want
+    qemu_img.check(out_image)
+    again = run_bitmig("dest", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "x"),
+                       "--control", str(tmp_path / "x.sock"), "--qcow2", "/etc/passwd")
+    assert again.returncode == 2 and "not a qcow2 image" in again.stderr
