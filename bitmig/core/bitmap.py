@@ -275,6 +275,29 @@ class DirtyBitmap:
             t.mark_words(widx)
         return changed
 
+    def merge_words(self, words: np.ndarray) -> int:
+        """OR a whole bitmap of the same geometry into this one (a delta read from QEMU).
+
+        One bulk pass: words that gain bits are stored, and every tracker (the meta
+        bitmap among them) flags the chunks they lie in, so the next pass resends only
+        those. Bits set past the end of the disk are refused. Returns bits changed.
+        """
+        src = np.asarray(words)
+        if src.dtype != WORD or src.shape != (self.nwords,):
+            raise GeometryError(f"words must be {self.nwords} little-endian uint64")
+        if int(src[-1]) & ~int(self._tail_mask):
+            raise ValueError("bits set past the end of the disk")
+        gain = src & ~self.words  # bits new to this bitmap
+        idx = np.flatnonzero(gain)
+        if idx.size == 0:
+            return 0
+        self.words[idx] |= gain[idx]
+        changed = int(np.bitwise_count(gain[idx]).sum())
+        self._count += changed
+        for t in self._trackers:
+            t.mark_words(idx)
+        return changed
+
     def fill_random(self, fraction: float, rng: np.random.Generator) -> int:
         """Set each bit with probability `fraction` (to make test and demo bitmaps).
 
