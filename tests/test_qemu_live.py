@@ -1,0 +1,300 @@
+"""Live QEMU interop against qemu-storage-daemon, checking QEMU's view, not ours.
+
+Source: bitmig reads the bitmaps of a running qemu-storage-daemon A (QMP) while a writer
+writes through A's NBD export, folds deltas, and at the end holds exactly what A reports
+(x-debug-block-dirty-bitmap-sha256); A's bitmaps equal those of a control daemon given
+the same writes without bitmig. Destination: bitmig delivers bitmaps into daemon B.
+Failures and refusals leave both daemons' bitmaps as they were. Skipped without QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qsd import HAVE_QSD, Qsd, make_image
+
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.qemu.live import REC_PREFIX, LiveError, LiveSource
+from bitmig.qemu.live_target import LiveTarget
+from bitmig.qemu.qmp import QMPClient, QMPError
+from bitmig.session.target import Incoming, TargetError
+
+pytestmark = pytest.mark.skipif(not HAVE_QSD, reason="needs qemu-storage-daemon, qemu-img, "
+                                "qemu-io (apt-get install qemu-utils qemu-block-extra)")
+
+SIZE = 256 << 20
+BITMAPS = [("b64k", 64 << 10, True), ("b1m", 1 << 20, False), ("bsmall", 4096, True),
+           ("empty", 64 << 10, True)]
+
+
+@pytest.fixture
+def daemons(tmp_path: Path):
+    started: list[Qsd] = []
+
+    def start(tag: str, bitmaps: list[tuple[str, int, bool]] = BITMAPS) -> Qsd:
+        img = tmp_path / f"{tag}.qcow2"
+        make_image(img, SIZE, bitmaps)
+        q = Qsd(tmp_path, tag, img)
+        started.append(q)
+        return q
+
+    yield start
+    for q in started:
+        q.stop()
+
+
+def no_leftovers(q: Qsd) -> None:
+    assert not [b for b in q.bitmaps() if b.startswith("bitmig-")]
+    assert not [n for n in q.nodes() if n.startswith("bitmig-")]
+
+
+# -- the QMP client ----------------------------------------------------------------------
+
+
+async def test_qmp_errors_are_clear(tmp_path: Path, daemons) -> None:
+    with pytest.raises(QMPError, match="cannot connect"):
+        await QMPClient.connect(str(tmp_path / "nothing.sock"), timeout=5)
+    # A socket that answers something other than QMP.
+    path = str(tmp_path / "notqmp.sock")
+
+    async def junk(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"SSH-2.0-OpenSSH\r\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_unix_server(junk, path)
+    async with server:
+        with pytest.raises(QMPError, match="not a QMP socket"):
+            await QMPClient.connect(path, timeout=5)
+    a = daemons("a")
+    qmp = await QMPClient.connect(a.qmp)
+    try:
+        with pytest.raises(QMPError, match=r"nonode.*\(GenericError\)") as e:
+            await qmp.execute("block-dirty-bitmap-add", node="nonode", name="x")
+        assert e.value.qmp_class == "GenericError"
+        assert "disk0" in {n["node-name"] for n in
+                           await qmp.execute("query-named-block-nodes", flat=True)}
+    finally:
+        await qmp.close()
+
+
+# -- the source --------------------------------------------------------------------------
+
+
+async def test_live_read_follows_writes_and_leaves_qemu_as_a_control_run(daemons) -> None:
+    a, control = daemons("a"), daemons("ctl")
+    # Writes before, during (between reads) and after the first copy; the control
+    # daemon gets the same writes without bitmig.
+    seeds = [1, 2, 3, 4]
+    for q in (a, control):
+        await q.awrite(np.random.default_rng(seeds[0]), 40, SIZE)
+    before = a.bitmaps()
+    src = LiveSource(a.qmp)
+    found = await src.open()
+    assert {(b.name, b.granularity, b.enabled, b.persistent) for b in found} == {
+        (n, g, e, True) for n, g, e in BITMAPS}
+    await src.snapshot()
+    assert {b.name for b in found if b.rec} == {n for n, _g, e in BITMAPS if e}
+    for b in found:
+        assert b.bitmap is not None and b.bitmap.sha256().hex() == before[b.name]["sha256"]
+    for seed in seeds[1:3]:
+        for q in (a, control):
+            await q.awrite(np.random.default_rng(seed), 40, SIZE)
+        for b in found:
+            assert b.bitmap is not None
+            b.bitmap.meta.flags[:] = False
+        assert await src.poll() > 0
+        # The chunks marked are those that changed: enabled bitmaps got new bits.
+        assert any(b.bitmap is not None and b.bitmap.meta.count() for b in found if b.enabled)
+    for q in (a, control):
+        await q.awrite(np.random.default_rng(seeds[3]), 40, SIZE)  # the writer's last burst
+    assert await src.finish() == []  # deltas alone were enough: no re-read
+    after = a.bitmaps()
+    for b in found:
+        assert b.bitmap is not None
+        assert b.bitmap.sha256().hex() == after[b.name]["sha256"], b.name
+        assert b.bitmap.count() * b.granularity == after[b.name]["count"]  # QEMU counts bytes
+    await src.close()
+    # QEMU's view: A's bitmaps are what the writes alone make of them.
+    assert a.bitmaps() == control.bitmaps()
+    assert a.bitmaps()["b1m"]["count"] == 0 and a.bitmaps()["b64k"]["count"] > 0
+    no_leftovers(a)
+
+
+async def test_reset_during_migration_is_found_at_finish(daemons) -> None:
+    a = daemons("a")
+    await a.awrite(np.random.default_rng(7), 30, SIZE)
+    src = LiveSource(a.qmp, names=["b64k"])
+    try:
+        [b] = await src.open()
+        await src.snapshot()
+        a.command("block-dirty-bitmap-clear", node="disk0", name="b64k")  # a backup job
+        await a.awrite(np.random.default_rng(8), 5, SIZE)
+        await src.poll()
+        again = await src.finish()
+        assert [x.name for x in again] == ["b64k"]
+        assert b.bitmap is not None
+        assert b.bitmap.sha256().hex() == a.bitmaps()["b64k"]["sha256"]
+        assert b.bitmap.count() * 65536 == a.bitmaps()["b64k"]["count"]
+    finally:
+        await src.close()
+    no_leftovers(a)
+
+
+async def test_cut_qmp_connection_leaves_user_bitmaps_and_next_run_cleans_up(daemons) -> None:
+    a = daemons("a")
+    await a.awrite(np.random.default_rng(9), 30, SIZE)
+    before = a.bitmaps()
+    src = LiveSource(a.qmp)
+    await src.open()
+    await src.snapshot()
+    assert src.qmp is not None
+    src.qmp._writer.transport.abort()  # the connection is cut: no cleanup possible
+    with pytest.raises(QMPError):
+        await src.poll()
+    await src.close()
+    left = [b for b in a.bitmaps() if b.startswith(REC_PREFIX)]
+    assert left  # the recorders stayed behind...
+    await a.awrite(np.random.default_rng(10), 10, SIZE)
+    expect = a.bitmaps()
+    retry = LiveSource(a.qmp)
+    await retry.open()  # ...and the next run removes them
+    no_leftovers(a)
+    await retry.snapshot()
+    await retry.finish()
+    for b in retry.bitmaps:
+        assert b.bitmap is not None and b.bitmap.sha256().hex() == expect[b.name]["sha256"]
+    await retry.close()
+    no_leftovers(a)
+    assert {n: i["granularity"] for n, i in a.bitmaps().items()} == {
+        n: i["granularity"] for n, i in before.items()}
+
+
+async def test_source_refusals(daemons) -> None:
+    a = daemons("a")
+    with pytest.raises(LiveError, match="no block node 'vda'"):
+        s = LiveSource(a.qmp, node="vda")
+        try:
+            await s.open()
+        finally:
+            await s.close()
+    with pytest.raises(LiveError, match="no bitmap nope"):
+        s = LiveSource(a.qmp, names=["b64k", "nope"])
+        try:
+            await s.open()
+        finally:
+            await s.close()
+    no_leftovers(a)
+
+
+# -- the destination ---------------------------------------------------------------------
+
+
+def incoming(name: str, gran: int, enabled: bool = True, persistent: bool = True,
+             node: str = "disk0", size: int = SIZE) -> Incoming:
+    return Incoming(node, name, size, gran, enabled, persistent)
+
+
+def random_bitmap(gran: int, seed: int, frac: float = 0.1) -> DirtyBitmap:
+    bm = DirtyBitmap(SIZE, gran)
+    bm.fill_random(frac, np.random.default_rng(seed))
+    return bm
+
+
+async def test_target_delivers_into_qemu(daemons) -> None:
+    b = daemons("b", bitmaps=[("other", 65536, True)])
+    t = LiveTarget(b.qmp)
+    try:
+        sent = {}
+        for i, (name, gran, enabled) in enumerate(BITMAPS):
+            inc = incoming(name, gran, enabled)
+            await t.check(inc)
+            sent[name] = random_bitmap(gran, i, 0.0 if name == "empty" else 0.3)
+            await t.deliver(inc, sent[name])
+    finally:
+        await t.close()
+    got = b.bitmaps()
+    for name, gran, enabled in BITMAPS:
+        assert got[name]["sha256"] == sent[name].sha256().hex()
+        assert (got[name]["granularity"], got[name]["recording"], got[name]["persistent"]) \
+            == (gran, enabled, True)
+    no_leftovers(b)
+    # Persistent: QEMU stores them in the image when it closes it.
+    b.stop()
+    b2 = Qsd(b.dir, "b2", b.image, nbd=False)
+    try:
+        assert {n: i["sha256"] for n, i in b2.bitmaps().items()} == {
+            **{n: sent[n].sha256().hex() for n in sent}, "other": got["other"]["sha256"]}
+    finally:
+        b2.stop()
+
+
+async def test_target_refusals_and_replace(daemons) -> None:
+    b = daemons("b", bitmaps=[("taken", 65536, True)])
+    before = b.bitmaps()
+    t = LiveTarget(b.qmp)
+    try:
+        with pytest.raises(TargetError, match="no block node 'vda'") as e:
+            await t.check(incoming("x", 65536, node="vda"))
+        assert e.value.code == "storage"
+        with pytest.raises(TargetError, match="already exists") as e:
+            await t.check(incoming("taken", 65536))
+        assert e.value.code == "exists"
+        with pytest.raises(TargetError, match="already exists"):
+            await t.deliver(incoming("taken", 65536), random_bitmap(65536, 1))
+        with pytest.raises(TargetError, match="1024 bytes exceeds") as e:
+            await t.check(incoming("n" * 1024, 65536))
+        assert e.value.code == "limit"
+        with pytest.raises(TargetError, match="covers") as e:
+            await t.check(incoming("x", 65536, size=SIZE * 2))
+        assert e.value.code == "limit"
+    finally:
+        await t.close()
+    assert b.bitmaps() == before
+    # --replace: same geometry replaced atomically, flags follow the received bitmap.
+    t = LiveTarget(b.qmp, replace=True)
+    try:
+        new = random_bitmap(65536, 2)
+        await t.deliver(incoming("taken", 65536, enabled=False), new)
+        other = random_bitmap(1 << 20, 3)
+        await t.deliver(incoming("taken", 1 << 20), other)  # another granularity
+    finally:
+        await t.close()
+    got = b.bitmaps()["taken"]
+    assert (got["sha256"], got["granularity"], got["recording"]) == (
+        other.sha256().hex(), 1 << 20, True)
+    no_leftovers(b)
+
+
+async def test_target_failure_removes_what_it_added(daemons, monkeypatch) -> None:
+    b = daemons("b", bitmaps=[("keep", 65536, True)])
+    before = b.bitmaps()
+    t = LiveTarget(b.qmp)
+    data = random_bitmap(65536, 4)
+    # QEMU ends up with other bits than received (as if the node were written meanwhile):
+    # the bitmap must not be acknowledged, and what was added is removed again.
+    monkeypatch.setattr(data, "sha256", lambda: b"\0" * 32)
+    try:
+        with pytest.raises(TargetError, match="differs from the received") as e:
+            await t.deliver(incoming("new", 65536), data)
+        assert e.value.code == "storage"
+    finally:
+        await t.close()
+    assert b.bitmaps() == before
+    no_leftovers(b)
+    # QMP socket gone: a clear refusal, nothing changed.
+    b.stop()
+    t = LiveTarget(b.qmp)
+    with pytest.raises(TargetError, match="cannot connect"):
+        await t.check(incoming("new", 65536))
+
+
+def test_qsd_fixture_sockets_listen(daemons) -> None:
+    a = daemons("a")
+    for path in (a.qmp, a.nbd):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
