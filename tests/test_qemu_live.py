@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from qsd import HAVE_QSD, Qsd, make_image
+from qsd_live import HAVE_QSD, Qsd, make_image
 
 from bitmig.core.bitmap import DirtyBitmap
 from bitmig.qemu.live import REC_PREFIX, LiveError, LiveSource
