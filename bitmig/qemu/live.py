@@ -28,7 +28,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -96,7 +96,6 @@ class LiveBitmap:
     disk_size: int
     bitmap: DirtyBitmap | None = None
     rec: str | None = None  # bitmig's recording bitmap catching writes since the last read
-    resets_seen: int = 0
 
 
 @dataclass
@@ -105,7 +104,6 @@ class LiveStats:
     deltas: int = 0
     bits_folded: int = 0
     rereads: int = 0
-    seconds: list[float] = field(default_factory=list)
 
 
 class LiveSource:
@@ -295,9 +293,18 @@ class LiveSource:
         """After the writer stopped: the last delta, then QEMU's sha256 against ours;
         a bitmap that differs (reset or disabled by someone meanwhile) is read again.
         Returns the bitmaps that were read again."""
-        assert self.qmp is not None
         async with self._lock:
-            await self._poll(last=True)
+            try:
+                if self.qmp is None:
+                    raise QMPError("not connected")
+                await self._poll(last=True)
+            except QMPError as e:
+                # The connection was cut (deltas may be lost): with the writer stopped
+                # a full read is consistent, so reconnect and let the check below
+                # re-read whatever differs.
+                log.warning("QMP connection lost (%s); reconnecting for a full read", e)
+                await self._reconnect()
+            assert self.qmp is not None
             again: list[LiveBitmap] = []
             for b in self.bitmaps:
                 assert b.bitmap is not None
@@ -316,6 +323,15 @@ class LiveSource:
                     b.bitmap._count = int(np.bitwise_count(b.bitmap.words).sum())
                     self.stats.rereads += 1
             return again
+
+    async def _reconnect(self) -> None:
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
+        self.qmp = await QMPClient.connect(self.qmp_path, timeout=self.timeout)
+        await remove_leftovers(self.qmp)
+        for b in self.bitmaps:
+            b.rec = None  # removed with the leftovers; no delta can be read any more
 
     async def qemu_sha256(self, node: str, name: str) -> str:
         assert self.qmp is not None
