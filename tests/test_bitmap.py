@@ -150,11 +150,13 @@ def test_digest_cache_tracks_every_change() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(disk=st.integers(1, 200_000), chunk=st.sampled_from([8, 16, 64, 1024]),
-       seed=st.integers(0, 2**32 - 1))
-def test_merge_words_is_or_and_marks_changed_chunks(disk: int, chunk: int, seed: int) -> None:
+@given(disk=st.integers(1, 2_000_000), chunk=st.sampled_from([8, 16, 64, 1024]),
+       seed=st.integers(0, 2**32 - 1), sparse=st.booleans())
+def test_merge_words_is_or_and_marks_changed_chunks(disk: int, chunk: int, seed: int,
+                                                    sparse: bool) -> None:
     """A delta folded in with merge_words: bits are the union (reference model: one bool
-    per cluster), the count follows, and exactly the chunks that gained a bit are marked."""
+    per cluster), the count follows, and exactly the chunks that gained a bit are marked.
+    Sparse deltas (a few bits) and dense ones take different paths."""
     rng = np.random.default_rng(seed)
     bm = DirtyBitmap(disk, GRAN, chunk)
     model = Model(disk, GRAN)
@@ -162,7 +164,8 @@ def test_merge_words_is_or_and_marks_changed_chunks(disk: int, chunk: int, seed:
         bm.set_bits(b, b + 1)
         model.bits[b] = True
     delta = DirtyBitmap(disk, GRAN, chunk)
-    new = rng.integers(0, bm.nbits, rng.integers(0, bm.nbits + 1)).tolist()
+    nnew = rng.integers(0, 3) if sparse else rng.integers(0, bm.nbits + 1)
+    new = rng.integers(0, bm.nbits, nnew).tolist()
     for b in new:
         delta.set_bits(b, b + 1)
     bm.meta.flags[:] = False
