@@ -190,3 +190,27 @@ def test_merge_words_refuses_wrong_geometry_and_padding() -> None:
     with pytest.raises(ValueError, match="past the end"):
         bm.merge_words(bad)
     assert bm.count() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(disk=st.integers(1, 200_000), chunk=st.sampled_from([8, 16, 64, 1024]),
+       seed=st.integers(0, 2**32 - 1))
+def test_assign_words_replaces_and_marks_every_tracker(disk: int, chunk: int, seed: int) -> None:
+    """A full re-read assigned in place: bits equal the new words (set and cleared), the
+    count follows, and the meta bitmap and other trackers flag exactly the chunks that
+    differ."""
+    rng = np.random.default_rng(seed)
+    bm = DirtyBitmap(disk, GRAN, chunk)
+    bm.set_many(rng.integers(0, bm.nbits, rng.integers(0, bm.nbits + 1)))
+    other = DirtyBitmap(disk, GRAN, chunk)
+    other.set_many(rng.integers(0, bm.nbits, rng.integers(0, bm.nbits + 1)))
+    bm.meta.flags[:] = False
+    extra = bm.add_tracker(2 * bm.chunk_words)
+    extra.flags[:] = False
+    expect_words = np.flatnonzero(bm.words != other.words)
+    assert bm.assign_words(other.words) == expect_words.size
+    assert np.array_equal(bm.words, other.words) and bm.count() == other.count()
+    for t, unit in ((bm.meta, bm.chunk_words), (extra, 2 * bm.chunk_words)):
+        expect = np.zeros(t.flags.size, bool)
+        expect[expect_words // unit] = True
+        assert np.array_equal(t.flags, expect)

@@ -186,6 +186,38 @@ async def test_cut_qmp_connection_leaves_user_bitmaps_and_next_run_cleans_up(dae
         n: i["granularity"] for n, i in before.items()}
 
 
+async def test_failed_attempt_rearms_recording(daemons) -> None:
+    """After `finish` (recording stopped) an attempt fails and the guest writes again:
+    rearm takes a fresh consistent copy in place (the registry's object) and records
+    again; a dropped connection is reconnected by rearm."""
+    a = daemons("a")
+    src = LiveSource(a.qmp)
+    try:
+        await src.open()
+        await src.snapshot()
+        objs = {b.name: b.bitmap for b in src.bitmaps}
+        await src.finish()
+        assert not src.recording
+        await a.awrite(np.random.default_rng(12), 20, SIZE)  # the guest resumed
+        assert {b.name for b in await src.rearm()} == {n for n, _g, e in BITMAPS if e}
+        assert src.recording
+        await a.awrite(np.random.default_rng(13), 20, SIZE)
+        await src.disconnect()  # connection lost: recording stops, leftovers stay
+        assert not src.recording
+        await a.awrite(np.random.default_rng(14), 20, SIZE)
+        await src.rearm()  # reconnects, removes leftovers, copies again
+        await a.awrite(np.random.default_rng(15), 20, SIZE)
+        await src.poll()
+        assert await src.finish() == []
+        want = a.bitmaps()
+        for b in src.bitmaps:
+            assert b.bitmap is objs[b.name]
+            assert b.bitmap is not None and b.bitmap.sha256().hex() == want[b.name]["sha256"]
+    finally:
+        await src.close()
+    no_leftovers(a)
+
+
 async def test_source_refusals(daemons) -> None:
     a = daemons("a")
     with pytest.raises(LiveError, match="no block node 'vda'"):

@@ -324,6 +324,24 @@ class DirtyBitmap:
             t.mark_words(idx)
         return changed
 
+    def assign_words(self, words: np.ndarray) -> int:
+        """Make this bitmap equal to `words` (a fresh full read from QEMU), in place:
+        every tracker flags the chunks whose words differ, bits may be set or cleared.
+        Returns the number of words that changed."""
+        src = np.asarray(words)
+        if src.dtype != WORD or src.shape != (self.nwords,):
+            raise GeometryError(f"words must be {self.nwords} little-endian uint64")
+        if int(src[-1]) & ~int(self._tail_mask):
+            raise ValueError("bits set past the end of the disk")
+        changed = src != self.words
+        n = int(np.count_nonzero(changed))
+        if n:
+            self.words[:] = src
+            self._count = int(np.bitwise_count(self.words).sum())
+            for t in self._trackers:
+                t.mark_mask(changed)
+        return n
+
     def fill_random(self, fraction: float, rng: np.random.Generator) -> int:
         """Set each bit with probability `fraction` (to make test and demo bitmaps).
 

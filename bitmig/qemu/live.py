@@ -250,11 +250,31 @@ class LiveSource:
             await self._remove(node, list(new_rec.values()))
             raise
         for i, b in enumerate(items):
-            b.bitmap = DirtyBitmap(b.disk_size, b.granularity, self.chunk_size, words=words[i])
+            if b.bitmap is None:
+                b.bitmap = DirtyBitmap(b.disk_size, b.granularity, self.chunk_size,
+                                       words=words[i])
+            else:
+                b.bitmap.assign_words(words[i])  # in place: the registry holds this one
             if i in new_rec:
                 b.rec = new_rec[i]
         await self._remove(node, [r for r in old if r and r not in new_rec.values()])
         self.stats.full_reads += 1
+
+    async def rearm(self) -> list[LiveBitmap]:
+        """After a failed migration attempt whose `finish` stopped recording: read the
+        enabled bitmaps again, consistently, and start recording again (the guest may
+        be writing once more). Returns the bitmaps re-armed."""
+        async with self._lock:
+            if self.qmp is None:
+                await self._reconnect()
+            idle = [b for b in self.bitmaps if b.enabled and b.rec is None]
+            for node, items in self._by_node(idle).items():
+                await self._full_read(node, items, record=True)
+            return idle
+
+    @property
+    def recording(self) -> bool:
+        return all(b.rec is not None for b in self.bitmaps if b.enabled)
 
     async def poll(self, last: bool = False) -> int:
         """Fold in the writes recorded since the previous read. With `last` (the writer
@@ -315,12 +335,9 @@ class LiveSource:
                                              [(b, node, b.name) for b in items], [])
                 for i, b in enumerate(items):
                     assert b.bitmap is not None
-                    # Overwrite in place, so the registry's object stays the same and
-                    # the meta bitmap marks every chunk that differs.
-                    diff = np.flatnonzero(fresh[i] != b.bitmap.words)
-                    b.bitmap.words[diff] = fresh[i][diff]
-                    b.bitmap.meta.mark_words(diff)
-                    b.bitmap._count = int(np.bitwise_count(b.bitmap.words).sum())
+                    # In place: the registry's object stays the same, and the meta
+                    # bitmap (and every other tracker) marks the chunks that differ.
+                    b.bitmap.assign_words(fresh[i])
                     self.stats.rereads += 1
             return again
 
@@ -332,6 +349,16 @@ class LiveSource:
         await remove_leftovers(self.qmp)
         for b in self.bitmaps:
             b.rec = None  # removed with the leftovers; no delta can be read any more
+
+    async def disconnect(self) -> None:
+        """Drop a broken connection. Recording stops (its bitmaps stay in QEMU until
+        the reconnection removes them as leftovers); `rearm` or `finish` reconnects."""
+        async with self._lock:
+            if self.qmp is not None:
+                await self.qmp.close()
+                self.qmp = None
+            for b in self.bitmaps:
+                b.rec = None
 
     async def qemu_sha256(self, node: str, name: str) -> str:
         assert self.qmp is not None

@@ -57,6 +57,12 @@ class LiveAttachment:
             if any(e.state is Ownership.FROZEN for e in self.entries):
                 continue  # the freeze's own hook reads the last delta
             try:
+                if not self.src.recording and all(
+                        e.state is Ownership.OWNED for e in self.entries
+                        if e.state is not Ownership.HANDED_OFF):
+                    # An attempt failed after `finish` stopped recording: the guest may
+                    # write again, so take a fresh consistent copy and record again.
+                    await self.src.rearm()
                 await self.src.poll()
                 self.poll_error = None
             except (QMPError, LiveError) as e:
@@ -65,6 +71,8 @@ class LiveAttachment:
                 if self.poll_error is None:
                     log.warning("reading QEMU's delta failed: %s", e)
                 self.poll_error = str(e)
+                if isinstance(e, QMPError):
+                    await self.src.disconnect()  # reconnected by rearm or finish
         await self.src.close()  # everything handed off: drop bitmig's recorders
 
     async def before_freeze(self) -> None:
