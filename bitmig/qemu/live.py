@@ -192,9 +192,9 @@ class LiveSource:
         try:
             # A fresh empty image of bitmig's own (D's writer: no qemu-img process).
             await asyncio.to_thread(write_bitmap_image, path, size, [])
+            attached = True  # before the call: a cancellation may land after QEMU added it
             await qmp.execute("blockdev-add", driver="qcow2", **{"node-name": tmp},
                               file={"driver": "file", "filename": path})
-            attached = True
             actions = list(extra)
             for i, (b, src_node, src_name) in enumerate(sources):
                 await qmp.execute("block-dirty-bitmap-add", node=tmp, name=f"c{i}",
@@ -213,7 +213,8 @@ class LiveSource:
                 try:
                     await qmp.execute("blockdev-del", **{"node-name": tmp})
                 except QMPError as e:
-                    log.warning("could not detach %s: %s", tmp, e)
+                    if "not found" not in str(e).lower():
+                        log.warning("could not detach %s: %s", tmp, e)
             try:
                 os.unlink(path)
             except OSError:
@@ -386,6 +387,10 @@ class LiveSource:
                 if b.rec:
                     await self._remove(b.node, [b.rec])
                     b.rec = None
+            # A read cut short (cancelled at shutdown) may have left its temporary node.
+            for info in (await query_nodes(self.qmp)).values():
+                if info.node.startswith(f"{TMP_PREFIX}{self.run}-"):
+                    await self.qmp.execute("blockdev-del", **{"node-name": info.node})
         except QMPError as e:  # the connection is gone: the next run removes them
             log.warning("cleanup in QEMU incomplete (%s); the next run removes leftovers", e)
         finally:
