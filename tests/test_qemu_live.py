@@ -466,3 +466,43 @@ async def test_end_to_end_dest_killed_then_retry(tmp_path: Path, daemons) -> Non
         n: i["sha256"] for n, i in a.bitmaps().items()}
     assert a.bitmaps() == before
     no_leftovers(a)
+
+
+async def test_end_to_end_source_killed_cuts_qmp_then_retry(tmp_path: Path, daemons) -> None:
+    """The source dies mid-migration (its QMP connection cut, no cleanup): A keeps its
+    bitmaps unchanged, B holds none, and the next source run removes the leftovers and
+    completes."""
+    reason = _gate_missing()
+    if reason:
+        pytest.skip(reason)
+    a, b = daemons("a"), daemons("b", bitmaps=[])
+    await a.awrite(np.random.default_rng(41), 40, SIZE)
+    before = a.bitmaps()
+    dest, port = _start_dest(tmp_path, b, "dest")
+    sctl = str(tmp_path / "src1.sock")
+    src = Proc(["source", "--qmp", a.qmp, "--poll-interval", "0.05", "--control", sctl])
+    try:
+        job = asyncio.ensure_future(acall(sctl, "migrate", host="127.0.0.1", port=port,
+                                          retries=1))
+        await _migrating(sctl)
+        src.kill()
+        with pytest.raises((ConnectionError, ValueError, OSError)):
+            await job  # the control connection died with the source
+        assert user(a) == before
+        assert [n for n in a.bitmaps() if n.startswith(REC_PREFIX)]  # left behind
+        assert b.bitmaps() == {}
+        await a.awrite(np.random.default_rng(42), 20, SIZE)
+        sctl = str(tmp_path / "src2.sock")
+        src = Proc(["source", "--qmp", a.qmp, "--poll-interval", "0.05", "--control", sctl])
+        job = asyncio.ensure_future(acall(sctl, "migrate", host="127.0.0.1", port=port,
+                                          retries=1))
+        await _migrating(sctl)
+        await acall(sctl, "complete")
+        assert (await job)["ok"]
+    finally:
+        src.stop()
+        dest.stop()
+    assert {n: i["sha256"] for n, i in b.bitmaps().items()} == {
+        n: i["sha256"] for n, i in a.bitmaps().items()}
+    no_leftovers(a)
+    no_leftovers(b)
