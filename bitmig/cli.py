@@ -1,4 +1,4 @@
-"""The bitmig command line: source, dest, demo, info, ctl, trace, bench.
+"""The bitmig command line: source, dest, demo, info, ctl, trace, bench, qemu.
 
 Every daemon option can also be given as an environment variable BITMIG_<OPTION>
 (upper case, dashes as underscores), e.g. BITMIG_LISTEN=0.0.0.0:7800; a flag on the
@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attempts for --migrate-to before giving up")
     s.add_argument("--retry-delay", type=float, default=float(_env("retry_delay",
                    defaults.RETRY_DELAY)), help="seconds before the first retry; doubles")
+    s.add_argument("--qcow2", action="append", default=[], metavar="IMAGE",
+                   help="own the persistent bitmaps of this closed qcow2 image (repeatable; "
+                   "read only, the image is not changed); see docs/qemu.md")
+    s.add_argument("--node", default=None,
+                   help="node name of --qcow2's bitmaps (default: the image file's name "
+                   "without extension)")
+    s.add_argument("--bitmap", action="append", default=None, metavar="NAME",
+                   help="only this bitmap of the --qcow2 image (repeatable); default: all")
     _add_tls(s, client=True)
     _add_common(s, "source")
     _add_migration_opts(s)
@@ -211,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_parser(sub, _Formatter)
     from bitmig.tools.bench_cli import add_bench_parser
     add_bench_parser(sub, _Formatter)
+    from bitmig.tools.qemu_cli import add_parser as add_qemu_parser
+    add_qemu_parser(sub, _Formatter)
     return p
 
 
@@ -361,6 +371,13 @@ async def _run_source(a: argparse.Namespace) -> int:
             import numpy as np
 
             e.bitmap.fill_random(a.fill, np.random.default_rng(len(daemon.registry.entries)))
+    if a.qcow2:
+        from bitmig.tools.qemu_cli import load_source_images
+
+        err = load_source_images(daemon, a.qcow2, a.node, a.bitmap)
+        if err:
+            print(f"bitmig source: {err}", file=sys.stderr)
+            return 2
     await daemon.control(a.control)
     if a.metrics:
         from bitmig.daemon.metrics import serve_metrics
