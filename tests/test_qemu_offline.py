@@ -392,3 +392,18 @@ def test_mapping_rules(tmp_path: Path) -> None:
     with pytest.raises(MappingError, match="No such file"):
         Mapping.parse([f"@{tmp_path / 'nope'}"])
 
+
+
+def test_bench_qemu_runs_and_checks_its_copies() -> None:
+    """Not a timing test: the figures' script runs and every copy it times is verified."""
+    out = run_bitmig_module("bitmig.tools.benchmarks.qemu", "--quick", "--repeat", "1", "--json")
+    rows = json.loads(out)
+    assert [r["fill"] for r in rows] == [0.01, 0.5]
+    assert all(r["bitmap_bytes"] == 2 * MiB and r["count"] > 0 for r in rows)
+
+
+def run_bitmig_module(module: str, *args: str) -> str:
+    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
