@@ -158,7 +158,8 @@ def load_source_images(daemon: Any, images: list[str], node: str | None,
     for lb in loaded:
         key = (lb.node, lb.image.name)
         if key in daemon.registry.entries:
-            return f"{lb.node}/{lb.image.name} is already owned here (from --state-dir?)"
+            return (f"{lb.node}/{lb.image.name} is both in the state directory and in "
+                    "the image; start with one of them (or another --node)")
         daemon.registry.add(lb.node, lb.image.name, lb.bitmap.disk_size, lb.bitmap.granularity,
                             lb.bitmap.chunk_size, lb.image.enabled, True, bitmap=lb.bitmap)
     return None
