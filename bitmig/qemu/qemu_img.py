@@ -77,8 +77,13 @@ def check(path: str | os.PathLike[str]) -> dict[str, Any]:
     """`qemu-img check --output=json -f qcow2`; raises QemuImgError if not clean."""
     path = _existing(path)
     cmd = [qemu_img_binary(), "check", "--output=json", "-f", "qcow2", path]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT,
-                       check=False)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT,
+                           check=False)
+    except subprocess.TimeoutExpired:
+        raise QemuImgError(f"qemu-img check timed out after {QEMU_IMG_TIMEOUT:.0f} s") from None
+    except OSError as e:
+        raise QemuImgError(f"cannot run qemu-img: {e}") from None
     try:
         result = json.loads(p.stdout)
     except json.JSONDecodeError:
@@ -197,8 +202,9 @@ def _add_merge(image: str, size: int, bm: ImageBitmap, tmp: Path, remove_first: 
 def _restore(
     image: str, size: int, name: str, old: ImageBitmap | None, tmp: Path, cause: Exception
 ) -> None:
-    """Undo a failed import, through qemu-img. Best effort: a failure here is reported
-    in the raised error, never hidden."""
+    """Undo a failed import, through qemu-img: remove the bitmap of that name if it is
+    there now (nobody else edits a closed image meanwhile: qemu-img's lock keeps QEMU
+    out), and put the replaced one back. A failure here is reported, never hidden."""
     try:
         header = qcow2.read_header(image)
         if header.find(name) is not None:

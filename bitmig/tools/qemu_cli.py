@@ -158,7 +158,21 @@ def load_source_images(daemon: Any, images: list[str], node: str | None,
     for lb in loaded:
         key = (lb.node, lb.image.name)
         if key in daemon.registry.entries:
-            return f"{lb.node}/{lb.image.name} is already owned here (from --state-dir?)"
+            return (f"{lb.node}/{lb.image.name} is both in the state directory and in "
+                    "the image; start with one of them (or another --node)")
         daemon.registry.add(lb.node, lb.image.name, lb.bitmap.disk_size, lb.bitmap.granularity,
                             lb.bitmap.chunk_size, lb.image.enabled, True, bitmap=lb.bitmap)
     return None
+
+
+def image_target(image: str, maps: list[str] | None, replace: bool) -> tuple[Any, str | None]:
+    """`bitmig dest --qcow2 IMAGE [--map RULE] [--replace]`: the daemon's BitmapTarget,
+    or an error message (image missing or not qcow2, bad mapping)."""
+    from bitmig.qemu.image import ImageTarget
+    from bitmig.qemu.mapping import Mapping, MappingError
+    from bitmig.qemu.qcow2 import Qcow2Error
+
+    try:
+        return ImageTarget(image, Mapping.parse(maps), replace), None
+    except (Qcow2Error, MappingError) as e:
+        return None, str(e)
