@@ -241,23 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from bitmig.protocol import spec
+    from bitmig.protocol import geometry, spec
 
-    if a.granularity < 1 or a.granularity & (a.granularity - 1):
+    # info explains any power-of-two geometry; whether it can migrate is the daemon's check
+    if not spec.is_power_of_two(a.granularity):
         print("bitmig info: granularity must be a power of two", file=sys.stderr)
         return 2
-    if a.chunk_size < 1 or a.chunk_size & (a.chunk_size - 1):
+    if not spec.is_power_of_two(a.chunk_size):
         print("bitmig info: chunk size must be a power of two", file=sys.stderr)
         return 2
-    nbits = -(-a.disk_size // a.granularity)
-    size = -(-nbits // 64) * 8
+    try:
+        geometry.check_geometry(a.disk_size, a.granularity, a.chunk_size)
+        why_not = None
+    except geometry.GeometryError as e:
+        why_not = str(e)
+    nbits = geometry.bit_count(a.disk_size, a.granularity)
+    size = geometry.serialized_size(a.disk_size, a.granularity)
     out = {
         "disk_size": a.disk_size, "granularity": a.granularity, "chunk_size": a.chunk_size,
-        "bits": nbits, "serialized_bytes": size, "chunks": -(-size // a.chunk_size),
+        "bits": nbits, "serialized_bytes": size,
+        "chunks": geometry.chunk_count(size, a.chunk_size),
         "meta_bit_covers_bytes": a.chunk_size * 8 * a.granularity,
         "small": size <= defaults.SMALL_THRESHOLD,
-        "migratable": a.chunk_size >= spec.MIN_CHUNK_SIZE and size <= spec.MAX_BITMAP_BYTES
-        and a.granularity >= spec.MIN_GRANULARITY,
+        "migratable": why_not is None,
     }
     if a.json:
         print(json.dumps(out))
@@ -268,9 +274,8 @@ def cmd_info(a: argparse.Namespace) -> int:
           + ("  [small: sent whole at completion]" if out["small"] else ""))
     print(f"chunks of {format_size(a.chunk_size)}: {out['chunks']}")
     print(f"one meta bit covers: {format_size(out['meta_bit_covers_bytes'])} of disk")
-    if not out["migratable"]:
-        print("note: this geometry cannot be migrated (chunk size < 8 B, granularity < 512 B, "
-              "or bitmap over the size limit)")
+    if why_not:
+        print(f"note: this geometry cannot be migrated: {why_not}")
     return 0
 
 
@@ -314,6 +319,7 @@ async def _run_dest(a: argparse.Namespace) -> int:
     from bitmig.core.store import StoreError
     from bitmig.daemon.service import Daemon, is_loopback
     from bitmig.daemon.tls import TLSConfigError
+    from bitmig.protocol.spec import Role
 
     host, port = a.listen
     try:
@@ -327,7 +333,7 @@ async def _run_dest(a: argparse.Namespace) -> int:
               "allow plain TCP on a non-loopback address", file=sys.stderr)
         return 2
     try:
-        daemon = Daemon("destination", a.state_dir, a.trace, _options(a), a.memory_budget,
+        daemon = Daemon(Role.DESTINATION, a.state_dir, a.trace, _options(a), a.memory_budget,
                         a.io_timeout, a.connect_timeout, server_ssl=server_ssl)
     except StoreError as e:
         print(f"bitmig dest: {e}", file=sys.stderr)
@@ -366,6 +372,7 @@ async def _run_source(a: argparse.Namespace) -> int:
     from bitmig.daemon.registry import RegistryError
     from bitmig.daemon.service import Daemon
     from bitmig.daemon.tls import TLSConfigError
+    from bitmig.protocol.spec import Role
     from bitmig.tools.workload import Workload
 
     try:
@@ -376,7 +383,7 @@ async def _run_source(a: argparse.Namespace) -> int:
     from bitmig.core.store import StoreError
 
     try:
-        daemon = Daemon("source", a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
+        daemon = Daemon(Role.SOURCE, a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
                         connect_timeout=a.connect_timeout, client_ssl=client_ssl)
     except StoreError as e:
         print(f"bitmig source: {e}", file=sys.stderr)
@@ -455,6 +462,8 @@ async def _run_source(a: argparse.Namespace) -> int:
 
 
 async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:
+    from bitmig.tools.progress import progress_printer
+
     host, port = a.migrate_to
     delay = a.retry_delay
     result = None
@@ -463,7 +472,7 @@ async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:
         if not keys:
             break
         result = await daemon.migrate(host, port, keys,
-                                      progress=_progress_printer(sys.stderr))
+                                      progress=progress_printer(sys.stderr))
         print(json.dumps({"attempt": attempt, **result.to_dict()}), flush=True)
         if result.ok:
             return 0
@@ -473,25 +482,6 @@ async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:
             await asyncio.sleep(delay)
             delay *= 2
     return 1
-
-
-def _progress_printer(stream: Any, every: float = 0.5) -> Any:
-    import time
-
-    last = [0.0]
-
-    def show(p: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if now - last[0] < every and p["phase"] not in ("completion", "done"):
-            return
-        last[0] = now
-        rate = p["bytes_sent"] / p["elapsed_s"] if p["elapsed_s"] > 0 else 0
-        print(f"  {p['elapsed_s']:7.2f}s  phase {p['phase']:<10} pass {p['pass']:>2}  "
-              f"sent {format_size(p['bytes_sent']):>10}  pending "
-              f"{format_size(p['pending_bytes']):>10}  {format_size(rate)}/s",
-              file=stream, flush=True)
-
-    return show
 
 
 def main(argv: list[str] | None = None) -> int:

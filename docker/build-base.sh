@@ -9,11 +9,13 @@
 #   BITMIG_BASE_IMAGE     image name (default: bitmig-base:bookworm)
 #   BITMIG_DEBIAN_MIRROR  override the mirror URL (default: read from apt config)
 #   BITMIG_REBUILD_BASE=1 rebuild even if the image already exists
+#   BITMIG_BASE_EXTRA     extra Debian packages, comma-separated (the QEMU variant adds
+#                         qemu-utils,qemu-system-common: docker/build-images.sh --qemu)
 set -euo pipefail
 
 IMAGE="${BITMIG_BASE_IMAGE:-bitmig-base:bookworm}"
 SUITE=bookworm
-PACKAGES=python3,python3-venv,ca-certificates
+PACKAGES=python3,python3-venv,ca-certificates${BITMIG_BASE_EXTRA:+,$BITMIG_BASE_EXTRA}
 
 log() { printf '[build-base] %s\n' "$*" >&2; }
 

@@ -6,6 +6,11 @@
 #   BITMIG_BASE_IMAGE  base image name (default: bitmig-base:bookworm)
 #   BITMIG_IMAGE       final image name (default: bitmig:latest)
 #   (see build-base.sh / prepare-wheels.sh for their own knobs)
+#
+# With --qemu, also the QEMU variant for docker-compose.qemu.yml: the same image on a base
+# that adds Debian's qemu-utils and qemu-system-common (qemu-img, qemu-storage-daemon):
+#   BITMIG_QEMU_BASE_IMAGE (default: bitmig-base-qemu:bookworm)
+#   BITMIG_QEMU_IMAGE      (default: bitmig-qemu:latest)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +33,13 @@ T0=$(now)
 step base-image   "$ROOT/docker/build-base.sh"
 step wheels       "$ROOT/docker/prepare-wheels.sh"
 step docker-build docker build --build-arg BASE_IMAGE="$BITMIG_BASE_IMAGE" -t "$IMAGE" "$ROOT"
+if [[ "${1:-}" == --qemu ]]; then
+    QBASE="${BITMIG_QEMU_BASE_IMAGE:-bitmig-base-qemu:bookworm}"
+    QIMAGE="${BITMIG_QEMU_IMAGE:-bitmig-qemu:latest}"
+    step qemu-base-image env BITMIG_BASE_IMAGE="$QBASE" \
+        BITMIG_BASE_EXTRA=qemu-utils,qemu-system-common "$ROOT/docker/build-base.sh"
+    step qemu-docker-build docker build --build-arg BASE_IMAGE="$QBASE" -t "$QIMAGE" "$ROOT"
+fi
 # the legacy builder leaves the build stage and the previous image dangling;
 # drop only those (labelled in the Dockerfile), nothing else
 docker image prune -f --filter label=bitmig.image >/dev/null || true

@@ -511,10 +511,10 @@ def build() -> None:
 
     payload("bad_payload_raw_length", "A RAW payload must be exactly the chunks' serialized "
             "size (256 bytes here).", 0, 1, Encoding.RAW, bytes(255),
-            "raw payload of 255 bytes for chunks [0, 1) needs 256", "connection")
+            "raw payload of 255 bytes, expected 256")
     payload("bad_payload_raw_length_last_chunk", "The last chunk is 232 bytes, not 256.",
-            3, 1, Encoding.RAW, bytes(256), "raw payload of 256 bytes for chunks [3, 4) needs "
-            "232", "connection")
+            3, 1, Encoding.RAW, bytes(256), "encoded payload of 256 bytes exceeds the 232 raw "
+            "bytes", "connection")
     payload("bad_payload_longer_than_raw", "No encoded payload may be longer than the raw "
             "bytes it stands for.", 0, 1, Encoding.POSITIONS, b"\x00" * 257,
             "encoded payload of 257 bytes exceeds the 256 raw bytes", "connection")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,28 @@ def test_info_reproduces_the_seed_table(chunk: str, covers: int) -> None:
 def test_info_rejects_bad_sizes() -> None:
     out = subprocess.run([*BITMIG, "info", "--disk-size", "12Q"], capture_output=True, text=True)
     assert out.returncode == 2 and "not a size" in out.stderr
+
+
+@pytest.mark.parametrize(("args", "reason"), [
+    (["--disk-size", "0"], "disk size must be at least 1 byte"),
+    (["--disk-size", "1T", "--granularity", "4G"], "granularity must be <= 2147483648"),
+    (["--disk-size", "16T", "--chunk-size", "4"], "chunk size must be a power of two in [8,"),
+    (["--disk-size", "1P", "--granularity", "512"], "exceeds the limit of 4294967296 bytes"),
+])
+def test_info_says_why_a_geometry_cannot_migrate(
+        args: list[str], reason: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # in-process: info is arithmetic, and it must use the daemon's own geometry check
+    from bitmig.cli import main
+    from bitmig.daemon.registry import Registry, RegistryError
+
+    assert main(["info", *args, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["migratable"] is False
+    assert main(["info", *args]) == 0
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note.startswith("note: this geometry cannot be migrated: ") and reason in note
+    with pytest.raises(RegistryError, match=re.escape(reason)):
+        Registry().add("n", "b", info["disk_size"], info["granularity"], info["chunk_size"])
 
 
 @pytest.mark.parametrize("cmd", ["source", "dest", "demo", "info", "ctl", "trace", "bench"])

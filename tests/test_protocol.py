@@ -17,8 +17,8 @@ from bitmig.protocol.codec import encode_bytes
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import LocalProtocolError, RemoteProtocolError
 from bitmig.protocol.events import Ack, Bits, Complete, End, Error, Hello, Ready, Start, Zeroes
-from bitmig.protocol.spec import ErrorCode
-from bitmig.protocol.state import BitmapState, ConnState, Role
+from bitmig.protocol.spec import ErrorCode, Role
+from bitmig.protocol.state import BitmapState, ConnState
 
 
 def hello(role: str, version: int = 1, min_version: int = 1) -> Hello:
@@ -185,7 +185,7 @@ def test_state_violations(event, code: ErrorCode, msg: str) -> None:
 @pytest.mark.parametrize(("event", "code", "msg"), [
     (Zeroes(0, 32, 1), ErrorCode.CHUNK_RANGE, "outside"),
     (Zeroes(0, 2, 2**64 - 3), ErrorCode.CHUNK_RANGE, "outside"),
-    (Bits(0, 0, 5, 0, b"\0" * 5), ErrorCode.BAD_PAYLOAD, "raw payload of 5 bytes"),
+    (Bits(0, 0, 1, 0, b"\0" * 1025), ErrorCode.BAD_PAYLOAD, "payload of 1025 bytes exceeds"),
     (Bits(0, 0, 1, 1, b"\0" * 2000), ErrorCode.BAD_PAYLOAD, "exceeds"),
 ])
 def test_range_and_payload_checks(event, code: ErrorCode, msg: str) -> None:

@@ -123,7 +123,7 @@ def test_limit_documented(name: str) -> None:
 def test_capabilities_and_roles_documented() -> None:
     for cap in spec.CAPABILITIES:
         assert f'`"{cap}"`' in DOC
-    for role in (spec.ROLE_SOURCE, spec.ROLE_DESTINATION):
+    for role in spec.Role:
         assert f'`"{role}"`' in DOC
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bitmig.tools.trace_cli import read_trace
 from bitmig.tools.trace_plot import series
+from bitmig.tools.trace_records import read_trace
 
 pytest.importorskip("matplotlib")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bitmig.tools.trace_cli import read_trace, summarize
+from bitmig.tools.trace_records import read_trace, summarize
 
 
 def run_demo(path: Path, *extra: str) -> dict:

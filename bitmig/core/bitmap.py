@@ -15,16 +15,19 @@ from typing import Any
 import numpy as np
 
 from bitmig.core import defaults
-from bitmig.protocol import spec
+from bitmig.protocol.geometry import (  # re-exported: callers know them from here
+    GeometryError,
+    bit_count,
+    check_geometry,
+    chunk_bytes,
+    chunk_count,
+    serialized_size,
+)
 
 Buffer = Any  # bytes, bytearray, memoryview or ndarray (collections.abc.Buffer is 3.12+)
 
 WORD = np.dtype("<u8")
 ALL_ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-
-
-class GeometryError(ValueError):
-    """A disk size, granularity or chunk size that no bitmap can have."""
 
 
 class RangeError(ValueError):
@@ -50,40 +53,6 @@ def alloc_words(nwords: int) -> np.ndarray:
     except OSError:
         pass  # an older kernel: pages fault in on first touch instead
     return np.frombuffer(m, dtype=WORD)  # the array keeps the mapping alive
-
-
-def check_geometry(disk_size: int, granularity: int, chunk_size: int) -> None:
-    """Raise GeometryError naming the first parameter that is out of bounds."""
-    if not spec.is_power_of_two(granularity) or granularity < spec.MIN_GRANULARITY:
-        raise GeometryError(
-            f"granularity must be a power of two >= {spec.MIN_GRANULARITY}, got {granularity}"
-        )
-    if granularity > spec.MAX_GRANULARITY:
-        raise GeometryError(f"granularity must be <= {spec.MAX_GRANULARITY}, got {granularity}")
-    if not spec.is_power_of_two(chunk_size) or not (
-        spec.MIN_CHUNK_SIZE <= chunk_size <= spec.MAX_CHUNK_SIZE
-    ):
-        raise GeometryError(
-            f"chunk size must be a power of two in [{spec.MIN_CHUNK_SIZE}, "
-            f"{spec.MAX_CHUNK_SIZE}], got {chunk_size}"
-        )
-    if disk_size < 1:
-        raise GeometryError(f"disk size must be at least 1 byte, got {disk_size}")
-    size = serialized_size(disk_size, granularity)
-    if size > spec.MAX_BITMAP_BYTES:
-        raise GeometryError(
-            f"bitmap of {size} bytes exceeds the limit of {spec.MAX_BITMAP_BYTES} bytes "
-            f"(disk {disk_size} B at granularity {granularity} B)"
-        )
-
-
-def bit_count(disk_size: int, granularity: int) -> int:
-    return -(-disk_size // granularity)
-
-
-def serialized_size(disk_size: int, granularity: int) -> int:
-    """Bytes of the serialized bitmap: whole 64-bit words."""
-    return -(-bit_count(disk_size, granularity) // 64) * 8
 
 
 class ChangeTracker:
@@ -138,8 +107,9 @@ class DirtyBitmap:
         self.granularity = granularity
         self.chunk_size = chunk_size
         self.nbits = bit_count(disk_size, granularity)
-        self.nwords = -(-self.nbits // 64)
+        self.nwords = serialized_size(disk_size, granularity) // 8
         self.chunk_words = chunk_size // 8
+        self.nchunks = chunk_count(self.nwords * 8, chunk_size)  # read per frame: computed once
         fresh = words is None
         if fresh:
             words = alloc_words(self.nwords)
@@ -157,16 +127,10 @@ class DirtyBitmap:
     def serialized_size(self) -> int:
         return self.nwords * 8
 
-    @property
-    def nchunks(self) -> int:
-        return -(-self.nwords // self.chunk_words)
-
     def chunk_bytes(self, first: int, count: int) -> int:
         """Serialized bytes of chunks [first, first + count) (the last chunk may be short)."""
         self._check_chunks(first, count)
-        return min((first + count) * self.chunk_size, self.serialized_size) - (
-            first * self.chunk_size
-        )
+        return chunk_bytes(self.serialized_size, self.chunk_size, first, count)
 
     def add_tracker(self, unit_words: int) -> ChangeTracker:
         """A new change tracker, all flags set (everything is new to its user)."""

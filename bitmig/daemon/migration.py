@@ -259,7 +259,7 @@ class Migration:
         self.ch = Channel(reader, writer, Role.SOURCE, self.trace, o.io_timeout)
         try:  # with TLS 1.3 the destination's verdict on our certificate arrives here
             await self.ch.send(Hello(spec.PROTOCOL_VERSION, spec.MIN_PROTOCOL_VERSION,
-                                     spec.ROLE_SOURCE, spec.CAPABILITIES,
+                                     Role.SOURCE, spec.CAPABILITIES,
                                      f"bitmig/{__version__}"))
             await self.ch.recv("the destination's hello", o.connect_timeout)
         except (ssl_mod.SSLError, ConnectionError, RemoteProtocolError) as e:

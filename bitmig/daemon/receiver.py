@@ -49,7 +49,7 @@ class Receiver:
         try:
             await ch.recv("hello", d.connect_timeout)
             await ch.send(Hello(ch.conn.version or spec.PROTOCOL_VERSION,
-                                spec.MIN_PROTOCOL_VERSION, spec.ROLE_DESTINATION,
+                                spec.MIN_PROTOCOL_VERSION, Role.DESTINATION,
                                 spec.CAPABILITIES, f"bitmig/{__version__}"))
             while True:
                 try:

@@ -29,6 +29,7 @@ from bitmig.daemon.receiver import Receiver
 from bitmig.daemon.registry import Entry, Ownership, Registry, RegistryError
 from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.events import Start
+from bitmig.protocol.spec import Role
 
 log = logging.getLogger("bitmig")
 
@@ -59,7 +60,7 @@ def is_loopback(host: str) -> bool:
 class Daemon:
     def __init__(
         self,
-        side: str,
+        side: Role | str,
         state_dir: str | None = None,
         trace_path: str | None = None,
         options: MigrationOptions | None = None,
@@ -69,9 +70,9 @@ class Daemon:
         server_ssl: ssl_mod.SSLContext | None = None,
         client_ssl: ssl_mod.SSLContext | None = None,
     ) -> None:
-        self.side = side
+        self.side = Role(side)  # a misspelt side fails here, not deep in a migration
         self.registry = Registry()
-        self.trace = Trace(trace_path, side)
+        self.trace = Trace(trace_path, self.side)
         self.options = options or MigrationOptions()
         self.memory_budget = memory_budget
         self.budget_used = 0

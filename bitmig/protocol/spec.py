@@ -221,9 +221,19 @@ FIELDS: dict[Kind, tuple[Field, ...]] = {
 
 KIND_FIELD = "kind"
 
-# Roles named in hello.
-ROLE_SOURCE = "source"
-ROLE_DESTINATION = "destination"
+
+
+class Role(StrEnum):
+    """The two ends of a migration. The values are the `role` strings of hello; traces,
+    metrics and the control socket print them as they are."""
+
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+    @property
+    def peer(self) -> Role:
+        return Role.DESTINATION if self is Role.SOURCE else Role.SOURCE
+
 
 # Capabilities this implementation announces. Unknown capabilities are ignored.
 CAPABILITIES: tuple[str, ...] = ("encodings-v1", "tree-blake3")

@@ -10,16 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from bitmig.protocol.spec import Kind
-
-
-class Role(Enum):
-    SOURCE = "source"
-    DESTINATION = "destination"
-
-    @property
-    def peer(self) -> Role:
-        return Role.DESTINATION if self is Role.SOURCE else Role.SOURCE
+from bitmig.protocol.spec import Kind, Role  # Role is the wire's (spec); the tables use it
 
 
 class ConnState(Enum):

@@ -1,6 +1,6 @@
 """`bitmig bench`: benchmarks against raw loopback TCP and peers.
 
-Scenarios (helpers in bitmig/benchmarks/): throughput (vs raw TCP), downtime (vs
+Scenarios (helpers in bitmig/tools/benchmarks/): throughput (vs raw TCP), downtime (vs
 stop-and-copy, under a workload), wire_bytes (vs roaring), slow_link (through a 4 MB/s
 proxy), memory (peak RSS of both daemons) and scale (time, rate, memory per size).
 Every scenario reports its target in words and `met`. `--json` prints one object:

@@ -18,6 +18,8 @@ from bitmig.core.units import format_size
 from bitmig.daemon.control import acall
 from bitmig.daemon.migration import MigrationOptions
 from bitmig.daemon.service import Daemon
+from bitmig.protocol.spec import Role
+from bitmig.tools.progress import progress_printer
 from bitmig.tools.workload import Workload
 
 
@@ -52,7 +54,7 @@ async def demo(a: argparse.Namespace, show: Any) -> dict[str, Any]:
         try:
             opts = MigrationOptions(downtime_ms=a.downtime_ms, max_passes=a.max_passes,
                                     small_threshold=a.small_threshold)
-            src = Daemon("source", None, a.trace, opts)
+            src = Daemon(Role.SOURCE, None, a.trace, opts)
             rng = np.random.default_rng(a.seed)
             for i in range(a.bitmaps):
                 e = src.registry.add("drive0", f"bitmap{i}", a.disk_size, a.granularity,
@@ -104,11 +106,9 @@ async def demo(a: argparse.Namespace, show: Any) -> dict[str, Any]:
 
 
 def run_demo(a: argparse.Namespace) -> int:
-    from bitmig.cli import _progress_printer
-
     if a.trace and os.path.exists(a.trace):
         os.unlink(a.trace)
-    show = None if a.json else _progress_printer(sys.stdout)
+    show = None if a.json else progress_printer(sys.stdout)
     if not a.json:
         print(f"bitmig demo: {a.bitmaps} bitmap(s) of a {format_size(a.disk_size)} disk at "
               f"{format_size(a.granularity)}, {a.dirty:.0%} dirty, {a.write_rate:g} writes/s")

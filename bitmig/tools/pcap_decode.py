@@ -24,7 +24,7 @@ from bitmig.protocol.codec import decode_body
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import ProtocolError
 from bitmig.protocol.events import Event
-from bitmig.protocol.state import Role
+from bitmig.protocol.spec import Role
 
 # Link-layer types met in practice (tcpdump -i lo/eth0/any, raw IP captures).
 DLT_NULL, DLT_EN10MB, DLT_RAW, DLT_RAW_OPENBSD, DLT_LOOP = 0, 1, 101, 12, 108
@@ -199,7 +199,7 @@ def packets(path: str) -> Iterator[tuple[float, int, bytes]]:
                 yield ts, lt, buf
 
 
-def decode_capture(path: str, port: int, view: str = "source") -> list[dict[str, Any]]:
+def decode_capture(path: str, port: int, view: str = Role.SOURCE) -> list[dict[str, Any]]:
     """Trace records of every bitmig frame on TCP `port` in the capture at `path`.
 
     `view` is "source" or "destination": whose trace the records imitate (the direction
@@ -209,7 +209,7 @@ def decode_capture(path: str, port: int, view: str = "source") -> list[dict[str,
     """
     import dpkt
 
-    if view not in ("source", "destination"):
+    if view not in list(Role):
         raise ValueError(f"view must be source or destination, not {view!r}")
     sessions: dict[tuple[Endpoint, Endpoint], _Session] = {}
     records: list[dict[str, Any]] = []
@@ -232,7 +232,7 @@ def decode_capture(path: str, port: int, view: str = "source") -> list[dict[str,
             continue
         from_source = src == key[0]
         for event, nbytes, problem in s.feed(src, data):
-            if view == "source":
+            if view == Role.SOURCE:
                 direction = "send" if from_source else "recv"
                 peer = f"{key[1][0]}:{key[1][1]}"
             else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bitmig.tools.trace_cli import sent_by_source
+from bitmig.tools.trace_records import sent_by_source
 
 
 def series(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,1 +1,2 @@
-"""Helpers of `bitmig bench` (bitmig/bench.py): bitmaps, processes, a link proxy, scenarios."""
+"""Helpers of `bitmig bench` (bitmig/tools/bench_cli.py): bitmaps, processes, a link
+proxy, scenarios."""

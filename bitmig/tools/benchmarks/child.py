@@ -17,11 +17,12 @@ from bitmig.tools.benchmarks.common import bitmap_of, proc_status
 
 async def main(size: int, p: float, host: str, port: int) -> dict[str, object]:
     from bitmig.daemon.service import Daemon
+    from bitmig.protocol.spec import Role
 
     base = proc_status()
     bm = bitmap_of(size, p)
     after_fill = proc_status()
-    src = Daemon("source")
+    src = Daemon(Role.SOURCE)
     src.registry.add("drive0", "bench", bm.disk_size, bm.granularity, bm.chunk_size, bitmap=bm)
     result = await src.migrate(host, port)
     end = proc_status()

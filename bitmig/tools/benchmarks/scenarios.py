@@ -19,6 +19,8 @@ from bitmig.core.planner import Planner
 from bitmig.daemon.migration import MigrationOptions, MigrationResult
 from bitmig.daemon.service import Daemon
 from bitmig.protocol import codec, encodings
+from bitmig.protocol.geometry import serialized_size
+from bitmig.protocol.spec import Role
 from bitmig.tools.benchmarks.common import (
     GB,
     GRAN,
@@ -45,7 +47,7 @@ async def migrate_once(bm: DirtyBitmap, opts: MigrationOptions | None = None,
         if via is not None:
             proxy = via(host, port)
             host, port = await proxy.start()
-        src = Daemon("source", options=opts or MigrationOptions())
+        src = Daemon(Role.SOURCE, options=opts or MigrationOptions())
         e = src.registry.add("drive0", "bench", bm.disk_size, bm.granularity, bm.chunk_size,
                              bitmap=bm)
         marks: dict[str, float] = {}
@@ -190,7 +192,7 @@ async def slow_link(quick: bool) -> dict[str, Any]:
     rate = 4e6
     disk = 250 * 10**9 if quick else 10**12
     gran = 16 * 1024
-    nbytes = -(-disk // gran // 64) * 8
+    nbytes = serialized_size(disk, gran)
     bm = bitmap_of(nbytes, 0.10, gran, seed=6, disk_size=disk)
     nominal = nbytes if quick else 8 * MiB
     limit_s = 2 * nominal / rate
