@@ -506,3 +506,18 @@ async def test_end_to_end_source_killed_cuts_qmp_then_retry(tmp_path: Path, daem
         n: i["sha256"] for n, i in a.bitmaps().items()}
     no_leftovers(a)
     no_leftovers(b)
+
+
+def test_cli_qmp_errors_are_one_line(tmp_path: Path) -> None:
+    """A QMP socket that does not answer (or a build without the hooks): exit 2 and one
+    clear line, never a traceback."""
+    for args in (["source", "--qmp", str(tmp_path / "none.sock"), "--control",
+                  str(tmp_path / "s.sock")],
+                 ["dest", "--qmp", str(tmp_path / "none.sock"), "--map", "no-equals-sign",
+                  "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "st"),
+                  "--control", str(tmp_path / "d.sock")]):
+        r = subprocess.run([sys.executable, "-m", "bitmig", *args], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith(f"bitmig {args[0]}: ") and "Traceback" not in r.stderr
+        assert "--qmp" in r.stderr or "--map" in r.stderr
