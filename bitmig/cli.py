@@ -130,9 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--memory-budget", type=_size, default=_size(str(_env(
         "memory_budget", defaults.MEMORY_BUDGET))),
         help="bytes of bitmaps rebuilt at once; a start beyond it is refused with 'limit'")
+    d.add_argument("--max-connections", type=int, default=int(_env(
+        "max_connections", defaults.MAX_CONNECTIONS)),
+        help="incoming connections served at once; more are closed at accept (before TLS)")
+    d.add_argument("--max-connections-per-peer", type=int, default=int(_env(
+        "max_connections_per_peer", defaults.MAX_CONNECTIONS_PER_PEER)),
+        help="of those, from one peer address")
+    d.add_argument("--max-bitmaps", type=int, default=int(_env(
+        "max_bitmaps", defaults.MAX_HELD_BITMAPS)),
+        help="bitmaps held at once (arriving or parked), all connections; a start beyond "
+             "it is refused with 'limit'")
     d.add_argument("--insecure", action="store_true",
                    default=None,
-                   help="allow listening on a non-loopback address without TLS")
+                   help="allow listening on a non-loopback address without TLS (and "
+                   "--metrics on a non-loopback address)")
     d.add_argument("--qmp", default=_env("qmp", None), metavar="SOCK",
                    help="also give each verified bitmap to the running QEMU (or "
                    "qemu-storage-daemon) at this QMP socket before acknowledging it; see "
@@ -168,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", default=_env("state_dir", None),
                    help="keep owned bitmaps here: loaded at start, stored at exit (so a "
                    "failed migration loses nothing); none: bitmaps live in memory only")
+    s.add_argument("--insecure", action="store_true", default=None,
+                   help="allow migrating in plain TCP to a non-loopback destination (and "
+                   "--metrics on a non-loopback address)")
     s.add_argument("--retries", type=int, default=int(_env("retries", defaults.RETRIES)),
                    help="attempts for --migrate-to before giving up")
     s.add_argument("--retry-delay", type=float, default=float(_env("retry_delay",
@@ -211,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-passes", type=int, default=defaults.MAX_PASSES)
     m.add_argument("--small-threshold", type=_size, default=defaults.SMALL_THRESHOLD)
     m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--port", type=int, default=0,
+                   help="destination's loopback port, to capture it (0: any free port)")
 
     i = sub.add_parser("info", formatter_class=_Formatter,
                        help="sizes of a bitmap: serialized bytes, chunks, area per meta bit")
@@ -332,21 +348,26 @@ async def _run_dest(a: argparse.Namespace) -> int:
         print(f"bitmig dest: refusing to listen on {host} without TLS; pass --insecure to "
               "allow plain TCP on a non-loopback address", file=sys.stderr)
         return 2
+    if not _metrics_allowed("dest", a, insecure):
+        return 2
+    if a.max_connections < 1 or a.max_connections_per_peer < 1:
+        print("bitmig dest: --max-connections and --max-connections-per-peer must be at "
+              "least 1", file=sys.stderr)
+        return 2
     try:
         daemon = Daemon(Role.DESTINATION, a.state_dir, a.trace, _options(a), a.memory_budget,
-                        a.io_timeout, a.connect_timeout, server_ssl=server_ssl)
+                        a.io_timeout, a.connect_timeout, server_ssl=server_ssl,
+                        max_connections=a.max_connections,
+                        max_connections_per_peer=a.max_connections_per_peer,
+                        max_bitmaps=a.max_bitmaps)
     except StoreError as e:
         print(f"bitmig dest: {e}", file=sys.stderr)
         return 2
     if a.qmp:
         from bitmig.tools.qemu_live_cli import make_target
 
-        if not hasattr(daemon, "target"):
-            print("bitmig dest: --qmp needs delivery targets (Daemon.target), which this "
-                  "build lacks", file=sys.stderr)
-            return 2
         try:
-            daemon.target = make_target(a.qmp, a.map, a.replace)
+            daemon.target = make_target(a.qmp, a.map, a.replace)  # before listening
         except ValueError as e:
             print(f"bitmig dest: --map: {e}", file=sys.stderr)
             return 2
@@ -354,12 +375,29 @@ async def _run_dest(a: argparse.Namespace) -> int:
     await daemon.control(a.control)
     if a.metrics:
         from bitmig.daemon.metrics import serve_metrics
-        await serve_metrics(daemon, *a.metrics)
+        await serve_metrics(daemon, *a.metrics, allow_public=insecure)
     print(f"listening on {h}:{p} control {a.control} state {a.state_dir}", flush=True)
     _stop_on_signals(daemon)
     await daemon.serve_forever()
-    await daemon.close()
-    return 0
+    return _report_unstored("dest", await daemon.close(), 0)
+
+
+def _report_unstored(cmd: str, failed: list[str], rc: int) -> int:
+    """Exit status after close: 1 when an owned bitmap could not be stored (named)."""
+    for msg in failed:
+        print(f"bitmig {cmd}: not stored: {msg}", file=sys.stderr)
+    return 1 if failed else rc
+
+
+def _metrics_allowed(cmd: str, a: argparse.Namespace, insecure: bool) -> bool:
+    """--metrics follows --listen's policy: plain HTTP off loopback only with --insecure."""
+    from bitmig.daemon.service import is_loopback
+
+    if a.metrics and not is_loopback(a.metrics[0]) and not insecure:
+        print(f"bitmig {cmd}: refusing to serve metrics on {a.metrics[0] or 'every address'} "
+              "(not loopback); pass --insecure to allow plain HTTP there", file=sys.stderr)
+        return False
+    return True
 
 
 def _stop_on_signals(daemon: Any) -> None:
@@ -380,11 +418,21 @@ async def _run_source(a: argparse.Namespace) -> int:
     except TLSConfigError as e:
         print(f"bitmig source: {e}", file=sys.stderr)
         return 2
+    from bitmig.daemon.service import is_loopback, plain_tcp_refusal
+
+    insecure = a.insecure or _env_flag("insecure")
+    if a.migrate_to and client_ssl is None and not insecure and not is_loopback(
+            a.migrate_to[0]):
+        print(f"bitmig source: {plain_tcp_refusal(a.migrate_to[0])}", file=sys.stderr)
+        return 2
+    if not _metrics_allowed("source", a, insecure):
+        return 2
     from bitmig.core.store import StoreError
 
     try:
         daemon = Daemon(Role.SOURCE, a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
-                        connect_timeout=a.connect_timeout, client_ssl=client_ssl)
+                        connect_timeout=a.connect_timeout, client_ssl=client_ssl,
+                        insecure=insecure)
     except StoreError as e:
         print(f"bitmig source: {e}", file=sys.stderr)
         return 2
@@ -426,7 +474,7 @@ async def _run_source(a: argparse.Namespace) -> int:
     await daemon.control(a.control)
     if a.metrics:
         from bitmig.daemon.metrics import serve_metrics
-        await serve_metrics(daemon, *a.metrics)
+        await serve_metrics(daemon, *a.metrics, allow_public=insecure)
     print(f"control {a.control}", flush=True)
     workload = None
     if a.workload_rate > 0:
@@ -457,8 +505,7 @@ async def _run_source(a: argparse.Namespace) -> int:
         await workload.stop()
     if live is not None:
         await live.close()  # bitmig's recording bitmaps leave QEMU
-    await daemon.close()
-    return rc
+    return _report_unstored("source", await daemon.close(), rc)
 
 
 async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@
 --
 -- Use:
 --   wireshark -X lua_script:proto/bitmig.lua capture.pcap
---   tshark -r capture.pcap -X lua_script:proto/bitmig.lua -d tcp.port==7800,bitmig
+--   tshark -r capture.pcap -o tcp.reassemble_out_of_order:TRUE \
+--     -X lua_script:proto/bitmig.lua -d tcp.port==7800,bitmig
 -- or copy this file to ~/.local/lib/wireshark/plugins/. Port 7800 is registered; any
 -- other port via "Decode As..." (-d tcp.port==PORT,bitmig) or the bitmig.port preference.
 -- Display filters: bitmig, bitmig.kind == 4, bitmig.id == 0, bitmig.payload_len > 0 ...

@@ -7,8 +7,9 @@ Run from the repository root:  python proto/make_vectors.py  [--out DIR]  (write
 
 Every byte comes from bitmig's own encoder (bitmig.protocol.codec, bitmig.protocol.encodings)
 or from msgpack.packb of a deliberately broken map; nothing is typed in by hand. Each vector
-is checked against a fresh Connection (and, on the destination, bitmig.core.assembly.Assembly)
-before it is written, so the output always describes what the code does.
+is checked against a fresh Connection (on the destination, with the real destination session,
+bitmig.session.memory.MemoryDestination) before it is written, so the output always
+describes what the code does.
 
 Vector format (one JSON object per file):
   name, description   what the case shows
@@ -33,6 +34,7 @@ import argparse
 import json
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,11 @@ from bitmig.core.planner import Planner
 from bitmig.protocol import encodings, spec
 from bitmig.protocol.codec import encode_bytes, event_to_map
 from bitmig.protocol.connection import Connection
-from bitmig.protocol.errors import ProtocolError
+from bitmig.protocol.errors import ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import (
     EVENT_TYPES,
     Ack,
+    BitmapFailed,
     Bits,
     Complete,
     End,
@@ -61,8 +64,10 @@ from bitmig.protocol.events import (
     Start,
     Zeroes,
 )
+from bitmig.protocol.framing import pieces
 from bitmig.protocol.spec import Encoding, ErrorCode, Kind
 from bitmig.protocol.state import Role
+from bitmig.session.memory import MemoryDestination
 
 OUT = Path(__file__).resolve().parent / "vectors"
 S, D = "source", "destination"
@@ -669,21 +674,6 @@ def add_sessions() -> None:
 # -- checking ----------------------------------------------------------------------------------
 
 
-def split_frames(data: bytes) -> list[bytes]:
-    """Whole frames by their length prefixes, plus any incomplete tail."""
-    out, pos = [], 0
-    n = spec.LENGTH_PREFIX.size
-    while len(data) - pos >= n:
-        (size,) = spec.LENGTH_PREFIX.unpack_from(data, pos)
-        if size == 0 or len(data) - pos - n < size:
-            break
-        out.append(data[pos : pos + n + size])
-        pos += n + size
-    if pos < len(data):
-        out.append(data[pos:])
-    return out
-
-
 def event_from_json(m: dict[str, Any]) -> Event:
     kind = Kind[m["kind"].upper()]
     args: dict[str, Any] = {}
@@ -696,36 +686,44 @@ def event_from_json(m: dict[str, Any]) -> Event:
 
 
 def check(v: dict[str, Any]) -> None:
+    """Replay a vector: on the destination through the real DestinationSession (in
+    memory), whose frames must be the context's and whose refusals are per-bitmap
+    errors; on the source through a Connection."""
     role = Role(v["role"])
-    conn = Connection(role)
-    asm: dict[int, Assembly] = {}
+    dest = MemoryDestination(hold=True) if role is Role.DESTINATION else None
+    conn = dest.conn if dest is not None else Connection(role)
 
-    def model(ev: Event) -> None:
-        if role is not Role.DESTINATION:
-            return
-        if type(ev) is Start:
-            asm[ev.id] = Assembly(ev)
-        elif type(ev) in (Bits, Zeroes) and ev.id in asm:
-            asm[ev.id].apply(ev)
-        elif type(ev) is Complete and ev.id in asm:
-            asm[ev.id].verify(ev)
+    def receive(data: bytes) -> list[Event]:
+        if dest is None:
+            return conn.receive_data(data)
+        refused = len(dest.refused)
+        out = [e for e in dest.receive(data) if type(e) is not BitmapFailed]
+        if len(dest.refused) > refused:
+            r = dest.refused[refused]
+            raise RemoteProtocolError(r.code, r.message, r.id)
+        return out
 
     for c in v["context"]:
         ev = event_from_json(c["frame"])
-        if c["sender"] == role.value:
+        if c["sender"] == role.value and dest is not None:
+            got = dest.release()
+            if type(ev) is Hello:  # the agent string is this implementation's own
+                got, ev = replace(got, agent=None), replace(ev, agent=None)
+            assert got == ev, (v["name"], got, ev)
+        elif c["sender"] == role.value:
             assert b"".join(bytes(b) for b in conn.send(ev)).hex() == c["hex"]
         else:
-            for e in conn.receive_data(bytes.fromhex(c["hex"])):
-                model(e)
+            receive(bytes.fromhex(c["hex"]))
     got: list[Event] = []
     err: ProtocolError | None = None
     try:
-        for piece in split_frames(bytes.fromhex(v["hex"])):
-            for e in conn.receive_data(piece):
-                got.append(e)
-                model(e)
+        for piece in pieces(bytes.fromhex(v["hex"])):
+            got += receive(piece)
         if v["eof"]:
-            conn.receive_eof()
+            if dest is not None:
+                dest.receive_eof()
+            else:
+                conn.receive_eof()
     except ProtocolError as e:
         err = e
     want = v["error"]

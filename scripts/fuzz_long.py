@@ -1,9 +1,11 @@
-"""Long fuzz run of the destination's Connection and Assembly (outside CI).
+"""Long fuzz run of the real destination session (outside CI).
 
-Mutates the conformance vectors' frames (proto/vectors/*.json) and random bytes, feeds
-them to Connection(Role.DESTINATION).receive_data after replaying each vector's context,
-and drives the resulting bits/zeroes/complete events through bitmig.core.assembly.Assembly.
-Only ProtocolError may escape. Any other exception is printed with the input's hex.
+Mutates the conformance vectors' frames (proto/vectors/*.json) and random bytes, and
+feeds them, after each vector's context, to a Connection and the real
+DestinationSession in memory (bitmig.session.memory.MemoryDestination; see
+tests/fuzz_harness.py). Per-bitmap errors are refused and the stream goes on, as in the
+daemon. Only protocol errors found in the input may end an input; any other exception,
+or anything the session still holds afterwards, is printed with the input's hex.
 
     python scripts/fuzz_long.py [--count 1000000] [--seed 1] [--report-every 100000]
 """

@@ -52,3 +52,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if reason:
         for item in marked:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def demo_capture(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One capture of the documented demo, shared by the pcap and tshark tests."""
+    from capture import capture_demo
+
+    return capture_demo(tmp_path_factory.mktemp("demo-capture"))

@@ -1,8 +1,9 @@
 """A fuzz target shared by tests/test_hostile.py and scripts/fuzz_long.py.
 
-`run_input(seed, data, splits)` replays a vector's context into a destination-side
-Connection, feeds `data` in pieces, and drives every bits/zeroes/complete event through
-an Assembly, as the receiver would. Only ProtocolError may escape; anything else is a bug.
+`run_input(seed, data, splits)` replays a vector's context into the real destination
+session (bitmig.session.memory.MemoryDestination: Connection + DestinationSession),
+feeds `data` in pieces, then EOF. Only RemoteProtocolError may escape, and the session
+must hold nothing afterwards; anything else is a bug.
 """
 
 from __future__ import annotations
@@ -15,16 +16,12 @@ from pathlib import Path
 
 import msgpack
 
-from bitmig.core.assembly import Assembly
 from bitmig.protocol import spec
-from bitmig.protocol.codec import decode_body
-from bitmig.protocol.connection import Connection
-from bitmig.protocol.errors import ProtocolError
-from bitmig.protocol.events import Bits, Complete, Error, Start, Zeroes
-from bitmig.protocol.state import Role
+from bitmig.protocol.errors import RemoteProtocolError
+from bitmig.session.memory import MemoryDestination
 
 VECTORS = Path(__file__).resolve().parent.parent / "proto" / "vectors"
-MAX_ASSEMBLY = 1 << 20  # the fuzz target rebuilds bitmaps up to this size (the budget)
+MEMORY_BUDGET = 4 << 20  # bounds what the fuzz target rebuilds (parked bitmaps aside)
 
 
 @dataclass
@@ -45,57 +42,29 @@ def load_seeds() -> list[Seed]:
     return seeds
 
 
-class Target:
-    """One destination connection plus the assemblies its start frames asked for."""
-
-    def __init__(self, seed: Seed) -> None:
-        self.conn = Connection(Role.DESTINATION)
-        self.asms: dict[int, Assembly] = {}
+def run_input(seed: Seed, data: bytes, splits: list[int]) -> None:
+    """Replay the seed's context, feed `data` cut at `splits`, then EOF, into the real
+    destination session (in memory). Per-bitmap errors are refused and the stream goes
+    on, as in the daemon. Raises only on a bug: an exception other than a protocol error
+    found in the input, or anything held once the connection is over and parked bitmaps
+    expired."""
+    d = MemoryDestination(memory_budget=MEMORY_BUDGET)
+    try:
         for sender, frame in seed.context:
-            if sender == "destination":
-                self.conn.send(decode_body(frame[4:]))
-            else:
-                self.handle(self.conn.receive_data(frame))
-
-    def handle(self, events: list) -> None:
-        for ev in events:
-            t = type(ev)
-            if t is Start:
-                geo = self.conn.bitmaps[ev.id]
-                if geo.serialized_size <= MAX_ASSEMBLY:
-                    self.asms[ev.id] = Assembly(ev)
-            elif t is Bits or t is Zeroes:
-                asm = self.asms.get(ev.id)
-                if asm is not None:
-                    asm.apply(ev)
-            elif t is Complete:
-                asm = self.asms.pop(ev.id, None)
-                if asm is not None:
-                    asm.verify(ev)
-            elif t is Error and ev.id is not None:
-                self.asms.pop(ev.id, None)  # the source aborted it: the receiver drops it
-
-    def feed(self, data: bytes, splits: list[int]) -> None:
+            if sender == "source":  # the destination's own frames come from the session
+                d.receive(frame)
         pos = 0
         for cut in [*sorted(splits), len(data)]:
             cut = min(max(cut, pos), len(data))
-            try:
-                self.handle(self.conn.receive_data(data[pos:cut]))
-            except ProtocolError as e:
-                if e.bitmap_id is None or e.code not in spec.BITMAP_ERRORS:
-                    return  # fatal: the receiver sends the error frame and closes
-                self.asms.pop(e.bitmap_id, None)  # per-bitmap: the bitmap is dropped
-                return
+            d.receive(data[pos:cut])
             pos = cut
-        try:
-            self.conn.receive_eof()
-        except ProtocolError:
-            pass
-
-
-def run_input(seed: Seed, data: bytes, splits: list[int]) -> None:
-    """Raises only if something other than ProtocolError escapes (that is a bug)."""
-    Target(seed).feed(data, splits)
+        d.receive_eof()
+    except RemoteProtocolError:
+        pass  # fatal: the connection is over and the session discarded its bitmaps
+    it = d.intake
+    it.handle_timer(float("inf"))  # what a cut parked expires
+    assert it.budget_used == 0 and it.held == 0 and not it.reserved and not d.session.bitmaps, (
+        f"left behind: budget {it.budget_used}, {it.held} held, {it.reserved}")
 
 
 # -- mutations ---------------------------------------------------------------------------

@@ -81,16 +81,18 @@ class Project:
         assert len(names) == 1, names
         return names[0]
 
-    def wait_healthy(self, service: str, timeout: float = 60) -> None:
+    def wait_healthy(self, service: str, timeout: float = 120) -> None:
+        """Follow the container's health events (docker events), not a polling loop."""
         cid = self.container(service)
-        deadline = time.monotonic() + timeout
-        status = ""
-        while time.monotonic() < deadline:
-            status = run(["docker", "inspect", "-f", "{{.State.Health.Status}}", cid]).stdout
-            if status.strip() == "healthy":
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"{service} not healthy after {timeout}s ({status.strip()})")
+        since = run(["docker", "inspect", "-f", "{{.State.StartedAt}}", cid]).stdout.strip()
+        status = run(["docker", "inspect", "-f", "{{.State.Health.Status}}", cid]).stdout
+        if status.strip() == "healthy":
+            return
+        # Events since the container started, so a health change between the inspect
+        # above and this call is not missed.
+        follow(["docker", "events", "--since", since, "--filter", f"container={cid}",
+                "--format", "{{.Status}}"],
+               (": healthy",), f"{service} healthy", timeout)
 
     def wait_exit(self, service: str, timeout: float = 150) -> int:
         return int(run(["docker", "wait", self.container(service)], timeout=timeout).stdout)
@@ -144,8 +146,13 @@ def project(tag: str, env: dict[str, str]) -> Iterator[Project]:
 def wait_for_line(p: Project, service: str, needles: tuple[str, ...],
                   timeout: float = 60) -> str:
     """Follow a container's output until a line contains one of needles; return it."""
-    proc = subprocess.Popen(["docker", "logs", "-f", p.container(service)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return follow(["docker", "logs", "-f", p.container(service)], needles, service, timeout)
+
+
+def follow(cmd: list[str], needles: tuple[str, ...], what: str, timeout: float) -> str:
+    """Run a following command (docker logs -f, docker events) until a line of its output
+    contains one of needles; return that line. The timeout only bounds a hang."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -161,9 +168,9 @@ def wait_for_line(p: Project, service: str, needles: tuple[str, ...],
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no {needles} from {service} in {timeout}s") from None
+                raise AssertionError(f"no {needles} from {what} in {timeout}s") from None
             if line is None:
-                raise AssertionError(f"{service} ended before printing any of {needles}")
+                raise AssertionError(f"{what} ended before printing any of {needles}")
             if any(n in line for n in needles):
                 return line
     finally:
@@ -280,7 +287,9 @@ def test_destination_killed_mid_migration(busy: Project) -> None:
     p = busy
     dest, _ = start_busy_migration(p)
     run(["docker", "kill", dest])
-    time.sleep(1)
+    # The source has seen its first attempt fail (it prints one JSON line per attempt)
+    # before the destination comes back, so a retry is what completes the migration.
+    wait_for_line(p, "source", ('"attempt"',))
     p.compose("start", "destination")
     assert p.wait_exit("source") == 0, p.source_results()
     results = p.source_results()
@@ -296,7 +305,10 @@ def test_network_cut_mid_migration(busy: Project) -> None:
     p = busy
     dest, net = start_busy_migration(p)
     run(["docker", "network", "disconnect", net, dest])
-    time.sleep(4)  # longer than the 3 s I/O timeout: both sides give the connection up
+    # Both sides give the connection up (3 s I/O timeout) before the network is back:
+    # the source's first attempt ends, and the destination logs why it dropped the peer.
+    wait_for_line(p, "source", ('"attempt"',))
+    wait_for_line(p, "destination", ("timed out", "Connection reset", "Broken pipe"))
     run(["docker", "network", "connect", "--alias", "destination", net, dest])
     assert p.wait_exit("source") == 0, p.source_results()
     results = p.source_results()

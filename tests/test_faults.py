@@ -79,18 +79,14 @@ async def migrate_with_workload(src: Daemon, e: Entry, port: int, seed: int) -> 
 
 def _idle(dest: Daemon) -> bool:
     """No bitmap in flight: only bitmaps parked for a retry hold a name and budget."""
-    parked = sum(p.size for p in dest.partials.values())
+    parked = sum(p.cost for p in dest.partials.values())
     return dest.reserved == set(dest.partials) and dest.budget_used == parked
 
 
-async def settle(dest: Daemon, timeout: float = 5.0) -> None:
-    """Wait (bounded) until the destination has no bitmap in flight."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _idle(dest):
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
+async def settle(dest: Daemon) -> None:
+    """Wait until the destination has served every connection to its end (the bound
+    only catches a hang); then it must have no bitmap in flight."""
+    await asyncio.wait_for(dest.connections_closed(), 60)
     assert _idle(dest), "destination still busy"
 
 
@@ -128,7 +124,9 @@ async def reference_stream(tmp_path: Path) -> tuple[int, int]:
 
 async def cut_once(tmp_path: Path, i: int, direction: str, offset: int) -> dict:
     state = tmp_path / f"d{i}"
-    dest = Daemon("destination", str(state), io_timeout=2)
+    # The proxy resets both sides at a cut: no timeout is needed to see it, and a short
+    # one would fail an honest attempt on a busy machine.
+    dest = Daemon("destination", str(state), io_timeout=30)
     _, port = await dest.listen("127.0.0.1", 0)
     proxy = FaultProxy(port, cut_after=offset, direction=direction)
     await proxy.start()
@@ -191,9 +189,7 @@ async def test_cut_connection_at_many_offsets(tmp_path: Path) -> None:
     assert up > 256 << 10 and down > 0
     plan = [("up", o) for o in offsets(up, 20)] + [("down", o) for o in offsets(down, 12)]
     cases = []
-    t0 = time.monotonic()
     for i, (direction, off) in enumerate(plan):
-        assert time.monotonic() - t0 < 90, "cut sweep too slow"
         cases.append(await cut_once(tmp_path, i, direction, off))
     assert len(cases) >= 30
     double = [c for c in cases if c["state"] == "owned" and c["dest_holds"]]
@@ -291,32 +287,42 @@ async def test_slow_destination_bounded_source_memory(tmp_path: Path) -> None:
 
 
 
-async def _fake_dest(stall_after: str) -> tuple[asyncio.AbstractServer, int]:
+async def _fake_dest(stall_after: str,
+                     problems: list[BaseException]) -> tuple[asyncio.AbstractServer, int]:
+    """A destination that stalls. Its own failures go to `problems`, for the test to
+    raise: swallowed, they would show as the source's timeout, the outcome under test."""
     hello = encode_bytes(Hello(1, 1, "destination", spec.CAPABILITIES))
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await serve(r, w)
+        except ConnectionError:
+            pass  # the source gave up and closed: expected
+        except Exception as e:
+            problems.append(e)
+        w.close()
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         buf = b""
         greeted = said_ready = False
-        with contextlib.suppress(Exception):
-            for _ in range(10_000):
-                data = await asyncio.wait_for(r.read(1 << 16), 10)
-                if not data:
-                    break
-                buf += data
-                if said_ready:  # swallow the stream, answer nothing (no mark echo)
-                    continue
-                frames = frames_of(buf)
-                if not greeted and any(type(f) is Hello for f in frames):
-                    w.write(hello)
-                    greeted = True
-                    if stall_after == "hello":
-                        said_ready = True  # and then silence
-                    continue
-                starts = [f for f in frames if type(f) is Start]
-                if starts:
-                    w.write(b"".join(encode_bytes(Ready(s.id)) for s in starts))
-                    said_ready = True
-        w.close()
+        for _ in range(10_000):
+            data = await asyncio.wait_for(r.read(1 << 16), 10)
+            if not data:
+                break
+            buf += data
+            if said_ready:  # swallow the stream, answer nothing (no mark echo)
+                continue
+            frames = frames_of(buf)
+            if not greeted and any(type(f) is Hello for f in frames):
+                w.write(hello)
+                greeted = True
+                if stall_after == "hello":
+                    said_ready = True  # and then silence
+                continue
+            starts = [f for f in frames if type(f) is Start]
+            if starts:
+                w.write(b"".join(encode_bytes(Ready(s.id)) for s in starts))
+                said_ready = True
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
@@ -327,15 +333,16 @@ async def _fake_dest(stall_after: str) -> tuple[asyncio.AbstractServer, int]:
     ("ready", "waiting for the destination to catch up (mark echo)"),
 ])
 async def test_stalled_destination_names_the_wait(stall_after: str, wait: str) -> None:
-    server, port = await _fake_dest(stall_after)
+    problems: list[BaseException] = []
+    server, port = await _fake_dest(stall_after, problems)
     src = Daemon("source", options=MigrationOptions(small_threshold=0, io_timeout=0.4,
                                                     connect_timeout=2))
     e = src.registry.add("n", "b", 1 << 37, 65536)
     e.bitmap.set(0, 1 << 33)
     before = e.bitmap.words.copy()
-    t0 = time.monotonic()
-    result = await asyncio.wait_for(src.migrate("127.0.0.1", port), 10)
-    assert time.monotonic() - t0 < 5
+    result = await asyncio.wait_for(src.migrate("127.0.0.1", port), 60)
+    if problems:
+        raise problems[0]
     assert not result.ok
     assert f"timed out after 0.4s {wait}" in result.error, result.error
     assert e.state is Ownership.OWNED and np.array_equal(e.bitmap.words, before)
@@ -362,14 +369,12 @@ async def test_source_stalled_mid_frame_frees_destination(tmp_path: Path) -> Non
     frame = bytes.fromhex("00100000") + b"\x86" + b"\x00" * 40
     w.write(frame[:30])
     await w.drain()
-    t0 = time.monotonic()
     rest = b""
-    for _ in range(50):
-        chunk = await asyncio.wait_for(r.read(1 << 16), 5)
+    for _ in range(50):  # the destination's io_timeout (0.4 s) ends this, not the bound
+        chunk = await asyncio.wait_for(r.read(1 << 16), 60)
         if not chunk:
             break
         rest += chunk
-    assert time.monotonic() - t0 < 3
     errors = [f for f in frames_of(rest) if type(f).__name__ == "Error"]
     assert errors and errors[0].code == "timeout", errors
     assert "waiting for the next frame from the source" in errors[0].message
@@ -411,7 +416,7 @@ async def test_enospc_is_a_storage_error(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(bitmig.core.store.os, call, full)
     if call == "fdatasync":  # only the background sync calls it: make sure one runs
-        monkeypatch.setattr("bitmig.daemon.receiver.SYNC_EVERY", 1)
+        monkeypatch.setattr("bitmig.session.destination.SYNC_EVERY", 1)
     src, e = make_source("full", 5)
     before = e.bitmap.words.copy()
     result = await src.migrate("127.0.0.1", port)
@@ -503,8 +508,7 @@ async def test_destination_killed_in_each_phase(tmp_path: Path, phase: str) -> N
         assert e.state is Ownership.OWNED
         assert np.array_equal(e.bitmap.words, replay(initial, log, e.key))
         # Restart on the same state directory: nothing partial is loaded.
-        port = dp.start()
-        await asyncio.sleep(0.1)
+        port = dp.start()  # returns once it listens, its state directory loaded
         good, bad = Store(state, clean=False).load_all()
         assert not good and not bad
         assert not [f for f in (state / "bitmaps").iterdir()]

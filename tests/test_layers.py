@@ -28,7 +28,6 @@ LAYERS = ("bitmig", "protocol", "core", "session", "qemu", "daemon", "tools", "c
 KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
     ("bitmig.daemon.control", "bitmig.daemon.service"),
     ("bitmig.daemon.metrics", "bitmig.daemon.service"),
-    ("bitmig.daemon.receiver", "bitmig.daemon.service"),
     ("bitmig.daemon.tls", "bitmig.daemon.service"),
 }
 

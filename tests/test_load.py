@@ -37,7 +37,7 @@ async def test_32_bitmaps_from_4_sources(tmp_path: Path) -> None:
     t0 = time.monotonic()
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(src.migrate("127.0.0.1", port) for src in sources)), 60)
+            asyncio.gather(*(src.migrate("127.0.0.1", port) for src in sources)), 600)
     finally:
         for wl in workloads:
             await wl.stop()
@@ -51,6 +51,7 @@ async def test_32_bitmaps_from_4_sources(tmp_path: Path) -> None:
             got = dest.registry.get(out.node, out.name).bitmap
             assert got.sha256().hex() == out.sha256
             assert np.array_equal(got.words, e.bitmap.words)
+    await asyncio.wait_for(dest.connections_closed(), 60)  # each source's end answered
     assert dest.budget_used == 0 and not dest.reserved
     good, bad = Store(tmp_path / "d").load_all()
     assert len(good) == 32 and not bad

@@ -70,13 +70,22 @@ async def test_metrics_scraped_during_migration(tmp_path: Path) -> None:
         load.start()
         # Writes between every window and pass keep it in dirty passes (forced after 40),
         # long enough for scrapes to land inside it whatever the machine's load.
-        task = asyncio.create_task(src.migrate("127.0.0.1", dport,
-                                               progress=lambda p: load.step(3000)))
+        progressed = asyncio.Event()
+
+        def progress(p: dict) -> None:
+            load.step(3000)
+            progressed.set()
+
+        task = asyncio.create_task(src.migrate("127.0.0.1", dport, progress=progress))
         during_src, during_dst = [], []
-        while not task.done():
-            during_src.append((await scrape(sport))[1])
-            during_dst.append((await scrape(mport))[1])
-            await asyncio.sleep(0.01)
+        while not task.done():  # one scrape of each after each progress report
+            waiter = asyncio.create_task(progressed.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if progressed.is_set() and not task.done():
+                progressed.clear()
+                during_src.append((await scrape(sport))[1])
+                during_dst.append((await scrape(mport))[1])
         result = await task
         await load.stop()
         assert result.ok, result.error
@@ -99,8 +108,12 @@ async def test_metrics_scraped_during_migration(tmp_path: Path) -> None:
             assert value(after, "bitmig_frames_sent_total", kind=kind) == n
         assert value(after, "bitmig_last_downtime_seconds") == round(result.downtime_ms / 1000,
                                                                       6)
-        await asyncio.sleep(0.2)
-        _, dst = await scrape(mport)
+        # The destination counts the connection when it has answered end and closed; the
+        # source may return first. Scrape until it has (the bound only catches a hang).
+        for _ in range(10_000):
+            _, dst = await scrape(mport)
+            if value(dst, "bitmig_migrations", side="destination", state="running") == 0:
+                break
         assert value(dst, "bitmig_migrations", side="destination", state="succeeded") == 1
         recv = sum(v for k, v in dst.items() if k.startswith("bitmig_bytes_received_total"))
         assert recv == result.bytes_sent

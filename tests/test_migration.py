@@ -189,18 +189,19 @@ async def test_source_state_dir_keeps_bitmap_and_token_across_restart(tmp_path: 
     assert again.store.path("n", "b").stat().st_mtime_ns == mtime
 
 
-async def test_start_without_token_discards_a_parked_bitmap(tmp_path: Path) -> None:
-    from bitmig.protocol.events import Start
-
-    dest, _port = await dest_daemon(tmp_path)
-    st = Start(0, "n", "b", 1 << 36, 65536, 1024, True, False, True, b"t" * 16)
+def test_start_without_token_discards_a_parked_bitmap() -> None:
     from bitmig.core.assembly import Assembly
+    from bitmig.protocol.events import Start
+    from bitmig.session.destination import DiscardSpool, Intake, Parked
 
-    assert dest.take_budget(4096)
-    dest.reserved.add(("n", "b"))
-    dest.park(st, Assembly(st), None, 4096)
-    assert dest.claim(Start(1, "n", "b", 1 << 36, 65536, 1024, True, False, True)) is None
-    assert not dest.partials and not dest.reserved and dest.budget_used == 0
+    intake = Intake(1 << 30)
+    st = Start(0, "n", "b", 1 << 36, 65536, 1024, True, False, True, b"t" * 16)
+    assert intake.admit(4096, 0.0) == (None, [])
+    intake.park(Parked(st, Assembly(st), 7, 4096, 300.0))
+    p, acts = intake.claim(Start(1, "n", "b", 1 << 36, 65536, 1024, True, False, True), 1.0)
+    assert p is None and DiscardSpool(7) in acts
+    assert not intake.parked and not intake.reserved and intake.budget_used == 0
+    assert intake.held == 0
 
 
 async def test_bad_payload_fails_one_bitmap_not_the_connection(tmp_path: Path) -> None:

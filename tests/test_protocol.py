@@ -16,7 +16,18 @@ from bitmig.protocol import encodings, spec
 from bitmig.protocol.codec import encode_bytes
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import LocalProtocolError, RemoteProtocolError
-from bitmig.protocol.events import Ack, Bits, Complete, End, Error, Hello, Ready, Start, Zeroes
+from bitmig.protocol.events import (
+    Ack,
+    BitmapFailed,
+    Bits,
+    Complete,
+    End,
+    Error,
+    Hello,
+    Ready,
+    Start,
+    Zeroes,
+)
 from bitmig.protocol.spec import ErrorCode, Role
 from bitmig.protocol.state import BitmapState, ConnState
 
@@ -176,10 +187,20 @@ def test_unknown_fields_are_ignored() -> None:
 def test_state_violations(event, code: ErrorCode, msg: str) -> None:
     s, d = opened()
     xfer(s, d, START)
-    data = encode_bytes(event)
-    with pytest.raises(RemoteProtocolError, match=msg) as e:
-        d.receive_data(data)
-    assert e.value.code is code
+    expect_violation(d, encode_bytes(event), code, msg)
+
+
+def expect_violation(d: Connection, data: bytes, code: ErrorCode, msg: str) -> None:
+    """A fatal error raises; one bitmap's error is an event and the connection goes on."""
+    if code not in spec.BITMAP_ERRORS:
+        with pytest.raises(RemoteProtocolError, match=msg) as e:
+            d.receive_data(data)
+        assert e.value.code is code
+        assert d.state is ConnState.FAILED
+        return
+    (ev,) = d.receive_data(data)
+    assert type(ev) is BitmapFailed and ev.code == code and msg in ev.message, ev
+    assert d.state is ConnState.OPEN
 
 
 @pytest.mark.parametrize(("event", "code", "msg"), [
@@ -192,9 +213,7 @@ def test_range_and_payload_checks(event, code: ErrorCode, msg: str) -> None:
     s, d = opened()
     xfer(s, d, START)  # 16 GiB disk at 64 KiB: 32 chunks of 1 KiB
     xfer(d, s, Ready(0))
-    with pytest.raises(RemoteProtocolError, match=msg) as e:
-        d.receive_data(encode_bytes(event))
-    assert e.value.code is code
+    expect_violation(d, encode_bytes(event), code, msg)
 
 
 def test_sender_side_is_checked_too() -> None:
@@ -228,6 +247,20 @@ def test_bitmap_error_fails_only_that_bitmap() -> None:
     assert s.state is ConnState.OPEN
     # Frames still in flight for the failed bitmap are tolerated.
     d.receive_data(encode_bytes(Zeroes(0, 0, 2)))  # bitmap 0 failed: dropped quietly
+
+
+def test_bitmap_failure_is_an_event_in_order() -> None:
+    """Frames before and after a frame that breaks one bitmap come in one call, in order,
+    with the failure between them; nothing is held back for a later call."""
+    s, d = opened()
+    xfer(s, d, START)
+    xfer(d, s, Ready(0))
+    good, bad = Zeroes(0, 0, 1), Bits(0, 1, 1, 1, b"\0" * 2000)
+    out = d.receive_data(encode_bytes(good) + encode_bytes(bad) + encode_bytes(Zeroes(0, 2, 1)))
+    assert out[0] == good and type(out[1]) is BitmapFailed and out[2] == Zeroes(0, 2, 1)
+    assert (out[1].id, out[1].code) == (0, ErrorCode.BAD_PAYLOAD)
+    assert d.bitmap_state(0) is BitmapState.FAILED  # the third frame: in flight, ignored
+    assert d.receive_data(b"") == [] and d.state is ConnState.OPEN
 
 
 def test_bits_frame_fast_path_equals_packb() -> None:

@@ -188,3 +188,84 @@ def test_wireshark_dissector_knows_every_kind_encoding_and_field() -> None:
         for fld in fields:
             name = {"caps": "cap", "data": "payload_len"}.get(fld.name, fld.name)
             assert name in declared, f"bitmig.lua declares no field for {fld.name!r}"
+
+
+# -- statements of §5, §12 and §13 that the vectors and the example can check ----------
+
+VECTORS = ROOT / "proto" / "vectors"
+EXAMPLE_HEAD = re.compile(r"^\*\*(\d+)\. ([SD]) → [SD] `(\w+)`\*\*")
+
+
+def example_frames() -> dict[int, tuple[str, str, dict[str, str]]]:
+    """§13's frames by number: (sender, kind, the fields line as name -> value text)."""
+    out = {}
+    body = section("## 13. Worked example")
+    for i, line in enumerate(body):
+        m = EXAMPLE_HEAD.match(line)
+        if m:
+            fields = dict(re.findall(r"(\w+)=(\"[^\"]*\"|[^,\s]+)", body[i + 2]))
+            out[int(m.group(1))] = (m.group(2), m.group(3), fields)
+    return out
+
+
+def test_cited_vectors_exist_and_fail_as_stated() -> None:
+    """Each "(vector `NAME`)" the document cites exists; the §5 rules it backs (frames
+    after end, bits before ready) fail with `unexpected`, as the sentences say."""
+    import json
+
+    cited = set(re.findall(r"vector\s+`([a-z0-9_]+)`", DOC))
+    assert {"unexpected_frame_after_end", "unexpected_bits_before_ready"} <= cited
+    for name in cited:
+        path = VECTORS / f"{name}.json"
+        assert path.exists(), f"PROTOCOL.md cites a vector that does not exist: {name}"
+        v = json.loads(path.read_text())
+        if name.startswith("unexpected_"):
+            assert v["error"]["code"] == "unexpected", name
+    before_ready = json.loads((VECTORS / "unexpected_bits_before_ready.json").read_text())
+    assert before_ready["role"] == "destination"
+    assert before_ready["frames"][0]["kind"] == "bits"
+    after_end = json.loads((VECTORS / "unexpected_frame_after_end.json").read_text())
+    assert "in state ending" in after_end["error"]["message_contains"]
+
+
+def test_hello_timeout_default_stated() -> None:
+    from bitmig.core import defaults
+
+    text = " ".join(section("### 5.1 The connection"))
+    assert f"{defaults.CONNECT_TIMEOUT:g} s by default" in text
+    assert "`timeout`" in text and "MUST NOT speak first" in text
+
+
+def test_example_prose_names_the_frames_it_describes() -> None:
+    """"Frame N (`ENC` ..." and "How to read frame N" point at a bits frame of that
+    encoding (issue 12: the text named frame 12 for frame 14)."""
+    frames = example_frames()
+    refs = re.findall(r"Frame (\d+) \(`([A-Z]+)`", DOC)
+    assert refs
+    for n, enc in refs:
+        sender, kind, fields = frames[int(n)]
+        assert (sender, kind, fields.get("enc")) == ("S", "bits", str(int(Encoding[enc]))), n
+    (n,) = re.findall(r"How to read frame (\d+)", DOC)
+    head = next(ln for ln in section("## 13. Worked example") if ln.startswith("    a3 65 6e 63"))
+    enc = int(head.split()[4], 16)
+    assert frames[int(n)][1] == "bits" and frames[int(n)][2]["enc"] == str(enc)
+
+
+def test_completion_order_matches_section_12() -> None:
+    """§12 step 4: one bitmap after the other, its last chunks immediately followed by its
+    `complete`. The example's frames after the last mark echo must group that way."""
+    frames = example_frames()
+    last_mark = max(n for n, (s, k, _) in frames.items() if (s, k) == ("D", "mark"))
+    seq = [(k, f["id"]) for n, (s, k, f) in sorted(frames.items())
+           if n > last_mark and s == "S" and k in ("bits", "zeroes", "complete")]
+    completed: list[str] = []
+    for kind, bid in seq:
+        assert bid not in completed, f"frames for bitmap {bid} after its complete"
+        if kind == "complete":
+            completed.append(bid)
+        else:  # chunks of one bitmap follow the complete of the one before
+            open_ids = {b for k, b in seq[:seq.index((kind, bid))] if b not in completed}
+            assert open_ids <= {bid}, f"chunks of {bid} interleave with {open_ids}"
+    assert len(completed) == 2
+    step4 = " ".join(section("## 12. The source's algorithm (informative)"))
+    assert "immediately followed by its `complete`" in step4

@@ -1,6 +1,6 @@
 """`bitmig trace pcap`: a real loopback capture decodes to the daemons' own trace records.
 
-Needs tcpdump (or dumpcap) and the right to capture on `lo` (root or CAP_NET_RAW);
+Needs tcpdump and the right to capture on `lo` (root or CAP_NET_RAW);
 skips with the reason otherwise. test_wireshark.py reuses `capture_migration`.
 """
 
@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from capture import Capture, skip_unless_capture
 
 from bitmig.daemon.migration import MigrationOptions
 from bitmig.daemon.service import Daemon
@@ -30,43 +28,16 @@ pytest.importorskip("dpkt")
 COMPARED = ("dir", "kind", "bytes", "fields", "payload_len", "payload_crc32")
 
 
-def capture_tool() -> list[str] | None:
-    """The capture command, to be followed by the filter, or None with no tool."""
-    if shutil.which("tcpdump"):
-        return ["tcpdump", "-i", "lo", "-U", "-n", "--immediate-mode", "-B", "32768", "-s", "0"]
-    if shutil.which("dumpcap"):
-        return ["dumpcap", "-i", "lo", "-q", "-B", "32", "-s", "0", "-f"]
-    return None
-
-
-def skip_unless_capture() -> list[str]:
-    cmd = capture_tool()
-    if cmd is None:
-        pytest.skip("no packet capture tool: install tcpdump (apt-get install tcpdump)")
-    if os.geteuid() != 0:
-        pytest.skip("capturing on lo needs root or CAP_NET_RAW; run as root")
-    return cmd
-
-
 async def capture_migration(tmp: Path, *, disk_size: int = 2 << 40, write_rate: float = 200_000,
                             dirty: float = 0.002) -> dict[str, Any]:
     """Run a live migration of a 4 MiB bitmap between two in-process daemons on loopback
     while tcpdump captures it. Returns port, capture path, both traces and the result."""
-    cmd = skip_unless_capture()
+    skip_unless_capture()
     src_trace, dst_trace, cap = tmp / "src.jsonl", tmp / "dst.jsonl", tmp / "mig.pcap"
     dest = Daemon("destination", str(tmp / "state"), str(dst_trace))
     _, port = await dest.listen("127.0.0.1", 0)
-    err = open(tmp / "capture.err", "w+")
-    proc = subprocess.Popen([*cmd[:1], "-w", str(cap), *cmd[1:], f"tcp port {port}"],
-                            stdout=subprocess.DEVNULL, stderr=err)
+    capture = Capture(cap, port).start()  # returns once packets are being written
     try:
-        deadline = time.monotonic() + 10
-        while "listening on" not in (tmp / "capture.err").read_text().lower() and \
-                "capturing on" not in (tmp / "capture.err").read_text().lower():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"capture tool failed: {(tmp / 'capture.err').read_text()[:300]}")
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
         opts = MigrationOptions(downtime_ms=1, max_passes=3, small_threshold=64 << 10)
         src = Daemon("source", None, str(src_trace), opts)
         e = src.registry.add("drive0", "b0", disk_size, 64 << 10, 1024)
@@ -76,15 +47,11 @@ async def capture_migration(tmp: Path, *, disk_size: int = 2 << 40, write_rate: 
         load.start()
         result = await src.migrate("127.0.0.1", port)
         await load.stop()
-        await asyncio.sleep(0.5)  # let the destination finish and the capture catch up
+        # The destination has sent its last frame and closed: nothing more on the wire.
+        await asyncio.wait_for(dest.connections_closed(), 60)
         src.trace.close()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        err.close()
+        capture.stop()  # returns once every packet sent so far is in the file
         await dest.close()
     assert result.ok, result.error
     return {"port": port, "capture": cap, "source_trace": src_trace, "dest_trace": dst_trace,
@@ -118,7 +85,8 @@ async def test_capture_matches_daemon_traces(tmp_path: Path) -> None:
 
 async def test_cli_pcap_summary_and_show(tmp_path: Path) -> None:
     run = await capture_migration(tmp_path, write_rate=0)
-    base = ["bitmig", "trace", "pcap", str(run["capture"]), "--port", str(run["port"])]
+    base = [sys.executable, "-m", "bitmig", "trace", "pcap", str(run["capture"]),
+            "--port", str(run["port"])]
     out = subprocess.run([*base, "--summary", "--summary-json"], capture_output=True,
                          text=True, check=True).stdout
     s = json.loads(out)
@@ -127,6 +95,26 @@ async def test_cli_pcap_summary_and_show(tmp_path: Path) -> None:
     assert " hello " in show and " complete " in show and " ack " in show
     jl = subprocess.run(base, capture_output=True, text=True, check=True).stdout.splitlines()
     assert json.loads(jl[0])["kind"] == "hello"
+
+
+def test_demo_capture_decodes_completely(demo_capture: dict[str, Any]) -> None:
+    """The documented demo, captured as troubleshooting.md says (on a busy machine its
+    segments arrive out of order): every frame each daemon traced is decoded, in order."""
+    cap, port = str(demo_capture["capture"]), demo_capture["port"]
+    for view, trace in (("source", demo_capture["source_trace"]),
+                        ("destination", demo_capture["dest_trace"])):
+        decoded = decode_capture(cap, port, view)
+        assert [r for r in decoded if r["type"] != "frame"] == []
+        own = [r for r in read_trace(str(trace)) if r["type"] == "frame"]
+        for d in ("send", "recv"):
+            assert project(decoded, d) == project(own, d), (view, d)
+    out = subprocess.run([sys.executable, "-m", "bitmig", "trace", "pcap", cap, "--port",
+                          str(port), "--summary", "--summary-json"], capture_output=True,
+                         text=True, check=True).stdout
+    s, own_s = json.loads(out), summarize(read_trace(str(demo_capture["source_trace"])))
+    for k in ("bytes_sent", "frames_sent", "chunks_sent", "zero_runs"):
+        assert s[k] == own_s[k], k
+    assert s["bytes_sent"] == demo_capture["summary"]["bytes_sent"]
 
 
 def test_reassembly_out_of_order_and_retransmits() -> None:

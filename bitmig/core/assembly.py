@@ -22,6 +22,16 @@ class Assembly:
         self.digests = DigestCache(self.bitmap)
         self.received = np.zeros(self.bitmap.nchunks, dtype=bool)
 
+    @classmethod
+    def replacing(cls, start: Start, base: DirtyBitmap | None) -> Assembly:
+        """An assembly that starts from `base`'s words with every chunk received (the
+        retry of a migration whose ack was lost), or a fresh one without a base."""
+        asm = cls(start)
+        if base is not None:
+            asm.bitmap.deserialize(0, asm.bitmap.nchunks, base.words)
+            asm.received[:] = True
+        return asm
+
     def apply(self, frame: Bits | Zeroes) -> None:
         bm = self.bitmap
         first, count = frame.first, frame.count

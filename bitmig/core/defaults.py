@@ -3,7 +3,7 @@
 Protocol facts (frame kinds, limits, error codes) live in bitmig.protocol.spec.
 """
 
-from bitmig.protocol.spec import KiB, MiB
+from bitmig.protocol.spec import MAX_FRAME_BYTES, KiB, MiB
 
 PORT = 7800  # destination's TCP port
 LISTEN_HOST = "127.0.0.1"  # loopback unless told otherwise
@@ -20,6 +20,17 @@ RETRIES = 3  # migration attempts by the source CLI before it gives up
 RETRY_DELAY = 1.0  # seconds before the first retry; doubles each time
 RESUME_TIMEOUT = 300.0  # seconds a destination keeps a dropped bitmap's chunks for a retry
 MEMORY_BUDGET = 8 * (1 << 30)  # bytes of bitmaps a destination rebuilds at once
+MAX_CONNECTIONS = 32  # connections a destination serves at once; more are closed at accept
+MAX_CONNECTIONS_PER_PEER = 4  # of those, from one peer address (a source uses one at a time)
+READ_BUFFER = 1 * MiB  # a connection's read buffer limit (asyncio pauses reading at twice it)
+# What one connection's partly received input can hold at most: the paused read buffer
+# (2 x READ_BUFFER, plus one socket read of 256 KiB) and one partial frame.
+CONNECTION_MEMORY = 2 * READ_BUFFER + 256 * KiB + MAX_FRAME_BYTES
+# Every bitmap a destination holds costs at least this much of the budget (a descriptor
+# while it streams, a temp file, bookkeeping), however few bytes it serializes to.
+MIN_BITMAP_COST = 64 * KiB
+MAX_HELD_BITMAPS = 512  # bitmaps a destination holds at once (arriving + parked), all peers
+MAX_BITMAPS_PER_CONNECTION = 256  # of those, arriving on one connection
 DEMO_DISK_SIZE = 16 * (1 << 40)  # 16 TiB -> 32 MiB bitmap
 DEMO_DIRTY = 0.10  # fraction of clusters set before the migration
 DEMO_WRITE_RATE = 10_000  # random cluster writes per second during the migration

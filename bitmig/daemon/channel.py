@@ -10,7 +10,7 @@ from bitmig.core import defaults
 from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
-from bitmig.protocol.events import Error, Event
+from bitmig.protocol.events import Error, Event, Received
 from bitmig.protocol.spec import ErrorCode
 from bitmig.protocol.state import Role
 
@@ -44,7 +44,7 @@ class Channel:
         self.trace = trace
         self.conn = Connection(role, observer=self._observe if trace.enabled else None)
         self.io_timeout = io_timeout
-        self._events: deque[Event] = deque()
+        self._events: deque[Received] = deque()
 
     def _observe(self, direction: str, event: Event, nbytes: int) -> None:
         self.trace.frame(direction, self.peer, event, nbytes)
@@ -66,15 +66,13 @@ class Channel:
         self.write(event)
         await self.drain()
 
-    async def recv(self, what: str, timeout: float | None = None) -> Event:
-        """The next event from the peer. Error frames raise PeerError."""
+    async def recv(self, what: str, timeout: float | None = None) -> Received:
+        """The next event from the peer (a BitmapFailed too: this side must report that
+        bitmap's error). Error frames raise PeerError."""
         limit = self.io_timeout if timeout is None else timeout
         # One deadline for the whole frame, not per read: a peer trickling a byte at a
         # time must not hold the connection (and a partial-frame buffer) forever.
         deadline = time.monotonic() + limit
-        if not self._events and (self.conn.buffered or self.conn.has_deferred):
-            # Bytes left over after a per-bitmap error: parse them before reading more.
-            self._events.extend(self.conn.receive_data(b""))
         while not self._events:
             try:
                 left = deadline - time.monotonic()

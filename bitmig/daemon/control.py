@@ -8,7 +8,10 @@ Commands are listed in COMMANDS and documented in docs/control.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -18,14 +21,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bitmig import __version__
+from bitmig.core.store import make_private_dir
 from bitmig.core.units import parse_size
 from bitmig.daemon.migration import MigrationOptions
 from bitmig.daemon.registry import RegistryError
+from bitmig.protocol import spec
 
 if TYPE_CHECKING:
     from bitmig.daemon.service import Daemon
 
 MAX_REQUEST = 1 << 20
+DRAIN_TIMEOUT = 30.0  # seconds an over-long request's sender has to close
+MAX_MIGRATE_BITMAPS = spec.MAX_BITMAPS  # what one connection may carry
+log = logging.getLogger("bitmig.control")
 
 Handler = Callable[["Daemon", dict[str, Any]], Awaitable[Any]]
 COMMANDS: dict[str, Handler] = {}
@@ -38,25 +46,59 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return deco
 
 
-def _arg(req: dict[str, Any], key: str, typ: type, default: Any = ...) -> Any:
+def _arg(req: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any = ...,
+         lo: float | None = None, hi: float | None = None) -> Any:
+    """A checked argument: its type (booleans are not numbers), and for numbers a finite
+    value within [lo, hi]. Every failure is a bad_request naming the argument."""
     if key not in req:
         if default is ...:
             raise RegistryError("bad_request", f"missing argument {key!r}")
         return default
     v = req[key]
-    if typ is int and isinstance(v, str):
+    types = typ if isinstance(typ, tuple) else (typ,)
+    if int in types and isinstance(v, str):
         try:
-            return parse_size(v)
+            v = parse_size(v)
         except ValueError as e:
             raise RegistryError("bad_request", f"{key}: {e}") from None
-    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        raise RegistryError("bad_request", f"argument {key!r} must be "
-                                           f"{getattr(typ, '__name__', 'a number')}")
+    if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
+        names = " or ".join("a number" if t is float else t.__name__ for t in types)
+        raise RegistryError("bad_request", f"argument {key!r} must be {names}, "
+                                           f"got {type(v).__name__}")
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise RegistryError("bad_request", f"argument {key!r} = {v} is outside {bounds}")
+    return v
+
+
+def _name(req: dict[str, Any], key: str) -> str:
+    v = _arg(req, key, str)
+    problem = spec.name_problem(v, key)
+    if problem:
+        raise RegistryError("bad_request", problem)
     return v
 
 
 def _key(req: dict[str, Any]) -> tuple[str, str]:
-    return _arg(req, "node", str), _arg(req, "name", str)
+    return _name(req, "node"), _name(req, "name")
+
+
+def _keys(req: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """`bitmaps`: absent/null for every owned bitmap, else a list of [node, name] pairs."""
+    v = req.get("bitmaps")
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) > MAX_MIGRATE_BITMAPS:
+        raise RegistryError("bad_request", "argument 'bitmaps' must be a list of at most "
+                                           f"{MAX_MIGRATE_BITMAPS} [node, name] pairs")
+    out = []
+    for i, k in enumerate(v):
+        if not isinstance(k, list) or len(k) != 2:
+            raise RegistryError("bad_request", f"bitmaps[{i}] must be a [node, name] pair, "
+                                               f"got {json.dumps(k)[:80]}")
+        out.append(_key({"node": k[0], "name": k[1]}))
+    return out
 
 
 @command("ping")
@@ -86,13 +128,16 @@ async def _add(d: Daemon, req: dict[str, Any]) -> Any:
     node, name = _key(req)
     if d.holds(node, name):  # owned, stored, or arriving from a source right now
         raise RegistryError("exists", f"bitmap {node}/{name} already exists")
-    e = d.registry.add(
-        node, name, _arg(req, "disk_size", int),
-        _arg(req, "granularity", int, 65536), _arg(req, "chunk_size", int, 1024),
-        _arg(req, "enabled", bool, True), _arg(req, "persistent", bool, False))
-    fill = float(_arg(req, "fill", (int, float), 0))
+    disk_size = _arg(req, "disk_size", int, lo=1, hi=spec.MAX_U64)
+    granularity = _arg(req, "granularity", int, 65536, lo=1, hi=spec.MAX_U64)
+    chunk_size = _arg(req, "chunk_size", int, 1024, lo=1, hi=spec.MAX_U64)
+    enabled = _arg(req, "enabled", bool, True)
+    persistent = _arg(req, "persistent", bool, False)
+    fill = float(_arg(req, "fill", (int, float), 0, lo=0, hi=1))
+    seed = _arg(req, "seed", int, 0, lo=0, hi=spec.MAX_U64)
+    e = d.registry.add(node, name, disk_size, granularity, chunk_size, enabled, persistent)
     if fill:
-        e.bitmap.fill_random(fill, np.random.default_rng(_arg(req, "seed", int, 0)))
+        e.bitmap.fill_random(fill, np.random.default_rng(seed))
     return e.describe()
 
 
@@ -106,18 +151,21 @@ async def _remove(d: Daemon, req: dict[str, Any]) -> Any:
     return entry.describe()
 
 
+def _range(req: dict[str, Any]) -> tuple[int, int]:
+    return (_arg(req, "offset", int, lo=0, hi=spec.MAX_U64),
+            _arg(req, "length", int, lo=0, hi=spec.MAX_U64))
+
+
 @command("set")
 async def _set(d: Daemon, req: dict[str, Any]) -> Any:
     n, b = _key(req)
-    return {"changed": await d.registry.mutate(n, b, "set", _arg(req, "offset", int),
-                                               _arg(req, "length", int))}
+    return {"changed": await d.registry.mutate(n, b, "set", *_range(req))}
 
 
 @command("reset")
 async def _reset(d: Daemon, req: dict[str, Any]) -> Any:
     n, b = _key(req)
-    return {"changed": await d.registry.mutate(n, b, "reset", _arg(req, "offset", int),
-                                               _arg(req, "length", int))}
+    return {"changed": await d.registry.mutate(n, b, "reset", *_range(req))}
 
 
 @command("clear")
@@ -130,15 +178,18 @@ async def _clear(d: Daemon, req: dict[str, Any]) -> Any:
 @command("migrate")
 async def _migrate(d: Daemon, req: dict[str, Any]) -> Any:
     host = _arg(req, "host", str)
-    port = _arg(req, "port", int)
-    keys = req.get("bitmaps")
-    if keys is not None:
-        keys = [(str(k[0]), str(k[1])) for k in keys]
+    if not 1 <= len(host) <= 253 or any(c.isspace() or c == "\0" for c in host):
+        raise RegistryError("bad_request", f"argument 'host' is not a host name or address: "
+                                           f"{host[:80]!r}")
+    port = _arg(req, "port", int, lo=1, hi=65535)
+    keys = _keys(req)
     o = d.options
     opts = MigrationOptions(
-        downtime_ms=float(_arg(req, "downtime_ms", (int, float), o.downtime_ms)),
-        max_passes=_arg(req, "max_passes", int, o.max_passes),
-        small_threshold=_arg(req, "small_threshold", int, o.small_threshold),
+        downtime_ms=float(_arg(req, "downtime_ms", (int, float), o.downtime_ms, lo=0,
+                               hi=3_600_000)),
+        max_passes=_arg(req, "max_passes", int, o.max_passes, lo=0, hi=1_000_000),
+        small_threshold=_arg(req, "small_threshold", int, o.small_threshold, lo=0,
+                             hi=spec.MAX_U64),
         frame_payload=o.frame_payload, connect_timeout=o.connect_timeout,
         io_timeout=o.io_timeout, ack_timeout=o.ack_timeout)
     result = await d.migrate(host, port, keys, options=opts)
@@ -166,8 +217,12 @@ async def _shutdown(d: Daemon, req: dict[str, Any]) -> Any:
 
 
 async def handle_request(d: Daemon, line: bytes) -> dict[str, Any]:
+    """The answer to one request line: always one JSON object, never an exception."""
     try:
-        req = json.loads(line)
+        try:
+            req = json.loads(line)
+        except RecursionError:  # e.g. an array nested 100,000 deep
+            raise RegistryError("bad_request", "request nested too deeply") from None
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             raise RegistryError("bad_request", 'a request is a JSON object with a "cmd" string')
         fn = COMMANDS.get(req["cmd"])
@@ -178,22 +233,41 @@ async def handle_request(d: Daemon, line: bytes) -> dict[str, Any]:
     except RegistryError as e:
         return {"ok": False, "code": e.code, "error": str(e)}
     except (ValueError, TypeError) as e:
-        return {"ok": False, "code": "bad_request", "error": str(e)}
+        return {"ok": False, "code": "bad_request", "error": str(e)[:4096]}
+    except Exception as e:  # a bug here must not cost the client its answer
+        log.error("control request failed: %s: %s", type(e).__name__, e)
+        return {"ok": False, "code": "internal", "error": f"{type(e).__name__}: {e}"[:4096]}
 
 
 async def serve_control(d: Daemon, path: str) -> asyncio.AbstractServer:
     """Listen on a Unix socket with mode 0600: only the daemon's user may connect."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(p.parent)  # what we create is 0700; an existing parent is left alone
     if p.is_socket():
         p.unlink()
 
     async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
-            while line := await r.readline():
+            while True:
+                try:
+                    line = await r.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    # Over MAX_REQUEST: answered; what follows is read and dropped until
+                    # the client closes (closing with unread data would reset the
+                    # connection, and the client could lose the answer).
+                    w.write(json.dumps({"ok": False, "code": "bad_request", "error":
+                                        f"request longer than {MAX_REQUEST} bytes"}).encode()
+                            + b"\n")
+                    await w.drain()
+                    with contextlib.suppress(TimeoutError):
+                        while await asyncio.wait_for(r.read(1 << 16), DRAIN_TIMEOUT):
+                            pass
+                    break
+                if not line:
+                    break
                 w.write(json.dumps(await handle_request(d, line)).encode() + b"\n")
                 await w.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+        except ConnectionError:
             pass
         except asyncio.CancelledError:
             pass  # the daemon is shutting down; the client sees the socket close

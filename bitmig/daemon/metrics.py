@@ -133,6 +133,12 @@ def render(daemon: Daemon) -> str:
                "migration.", [(side, round(m.last_downtime_ms / 1000, 6))])
     metric("errors_total", "counter", "Protocol errors by code.",
            [({**side, "code": c}, n) for c, n in sorted(daemon.errors.items())])
+    metric("connections_open", "gauge", "Incoming connections being served.",
+           [(side, sum(daemon.connections.values()))])
+    metric("connections_refused_total", "counter", "Incoming connections closed at accept "
+           "because a cap was reached, by cap (total, per_peer).",
+           [({**side, "reason": r}, daemon.refused_connections[r])
+            for r in ("total", "per_peer")])
     metric("owned_bitmaps", "gauge", "Bitmaps registered on this daemon.",
            [(side, len(daemon.registry.entries))])
     metric("start_time_seconds", "gauge", "When metrics collection started (Unix time).",
@@ -140,15 +146,42 @@ def render(daemon: Daemon) -> str:
     return "\n".join(out) + "\n"
 
 
-async def serve_metrics(daemon: Daemon, host: str, port: int) -> asyncio.AbstractServer:
-    """Serve GET /metrics (any path) on host:port; returns the server."""
+REQUEST_TIMEOUT = 5.0  # seconds for a whole request (line and headers), not per line
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers together
+
+
+class MetricsBindError(ValueError):
+    """--metrics names a non-loopback address and plain HTTP there was not asked for."""
+
+
+async def _read_request(r: asyncio.StreamReader) -> bytes:
+    """The request line, after reading the headers up to the blank line. Raises
+    TimeoutError past REQUEST_TIMEOUT overall and ValueError past MAX_HEADER_BYTES."""
+    async with asyncio.timeout(REQUEST_TIMEOUT):
+        line = await r.readline()
+        total = len(line)
+        while (h := await r.readline()) not in (b"\r\n", b"\n", b""):
+            total += len(h)
+            if total > MAX_HEADER_BYTES:
+                raise ValueError("request headers too large")
+    return line
+
+
+async def serve_metrics(daemon: Daemon, host: str, port: int,
+                        allow_public: bool = False) -> asyncio.AbstractServer:
+    """Serve GET /metrics (any path) on host:port; returns the server. Like --listen,
+    a non-loopback address needs allow_public (--insecure): the endpoint is plain,
+    unauthenticated HTTP. Raises MetricsBindError otherwise."""
+    from bitmig.daemon.service import is_loopback
+
+    if not is_loopback(host) and not allow_public:
+        raise MetricsBindError(f"refusing to serve metrics on {host or 'every address'} (not "
+                               "loopback); pass --insecure to allow plain HTTP there")
     install(daemon)
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(r.readline(), 5)
-            while await asyncio.wait_for(r.readline(), 5) not in (b"\r\n", b"\n", b""):
-                pass
+            line = await _read_request(r)
             parts = line.decode("latin-1").split()
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 status, body = "405 Method Not Allowed", "only GET\n"
@@ -161,7 +194,7 @@ async def serve_metrics(daemon: Daemon, host: str, port: int) -> asyncio.Abstrac
                     f"charset=utf-8\r\nContent-Length: {len(data)}\r\nConnection: close"
                     f"\r\n\r\n".encode() + (data if parts[:1] != ["HEAD"] else b""))
             await w.drain()
-        except (OSError, TimeoutError, UnicodeDecodeError):
+        except (OSError, TimeoutError, ValueError):  # ValueError: line or headers too long
             pass
         finally:
             w.close()

@@ -9,6 +9,7 @@ from typing import Any
 
 from bitmig.core import defaults
 from bitmig.core.bitmap import ChangeTracker, DirtyBitmap
+from bitmig.protocol.spec import name_problem
 
 
 class Ownership(Enum):
@@ -90,8 +91,9 @@ class Registry:
         old = self.entries.get(key)
         if old is not None and old.state is not Ownership.HANDED_OFF:
             raise RegistryError("exists", f"bitmap {node}/{name} already exists")
-        if not node or not name:
-            raise RegistryError("bad_request", "node and name must not be empty")
+        problem = name_problem(node, "node") or name_problem(name, "name")
+        if problem:  # the wire's rule: what cannot be migrated or stored is never owned
+            raise RegistryError("bad_request", problem)
         try:
             bm = bitmap or DirtyBitmap(disk_size, granularity, chunk_size)
         except ValueError as e:

@@ -8,6 +8,7 @@ directory; any daemon can migrate bitmaps it owns onward.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -15,34 +16,24 @@ import ssl as ssl_mod
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bitmig.core import defaults
-from bitmig.core.assembly import Assembly
 from bitmig.core.bitmap import DirtyBitmap
-from bitmig.core.store import Spool, Store, StoredMeta, StoreError
+from bitmig.core.store import Store, StoredMeta, StoreError
 from bitmig.daemon import tls
 from bitmig.daemon.migration import Migration, MigrationOptions, MigrationResult
-from bitmig.daemon.receiver import Receiver
+from bitmig.daemon.receiver import Host, Receiver
 from bitmig.daemon.registry import Entry, Ownership, Registry, RegistryError
+from bitmig.daemon.spools import Spools
 from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.events import Start
 from bitmig.protocol.spec import Role
+from bitmig.session.destination import DiscardSpool, Intake, Note, Parked
+from bitmig.session.target import BitmapTarget
 
 log = logging.getLogger("bitmig")
-
-
-@dataclass
-class Partial:
-    """What a destination keeps of a bitmap whose connection dropped, for a retry."""
-
-    start: Start
-    assembly: Assembly
-    spool: Spool | None
-    size: int
-    timer: asyncio.TimerHandle
 
 
 LOCAL = "local"  # StoredMeta.origin of bitmaps this daemon stored itself (not received)
@@ -57,6 +48,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def plain_tcp_refusal(host: str) -> str:
+    return (f"refusing to migrate to {host} in plain TCP (not loopback); give --tls-cert, "
+            "--tls-key and --tls-ca, or pass --insecure to allow it")
+
+
 class Daemon:
     def __init__(
         self,
@@ -69,26 +65,43 @@ class Daemon:
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         server_ssl: ssl_mod.SSLContext | None = None,
         client_ssl: ssl_mod.SSLContext | None = None,
+        insecure: bool = False,
+        max_connections: int = defaults.MAX_CONNECTIONS,
+        max_connections_per_peer: int = defaults.MAX_CONNECTIONS_PER_PEER,
+        target: BitmapTarget | None = None,
+        max_bitmaps: int = defaults.MAX_HELD_BITMAPS,
     ) -> None:
         self.side = Role(side)  # a misspelt side fails here, not deep in a migration
+        # Plain TCP to a non-loopback destination only when asked (--insecure), as the
+        # destination's listen policy: migrate() refuses it otherwise.
+        self.insecure = insecure
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self.connections: Counter[str] = Counter()  # open incoming connections by peer address
+        self.refused_connections: Counter[str] = Counter()  # by reason: total, per_peer
+        self.connections_changed = asyncio.Event()  # set whenever either counter changes
         self.registry = Registry()
         self.trace = Trace(trace_path, self.side)
         self.options = options or MigrationOptions()
         self.memory_budget = memory_budget
-        self.budget_used = 0
         self.io_timeout = io_timeout
         self.connect_timeout = connect_timeout
         self.server_ssl = server_ssl
         self.client_ssl = client_ssl
-        self.reserved: set[tuple[str, str]] = set()
-        self.partials: dict[tuple[str, str], Partial] = {}
-        self.resume_timeout = defaults.RESUME_TIMEOUT
+        self.target = target  # where received bitmaps are delivered besides the store
         self.errors: Counter[str] = Counter()
         self.migrations: list[MigrationResult] = []
         self.active_migration: Migration | None = None
         self.store = Store(state_dir) if state_dir else None
+        # Admission of arriving bitmaps (budget, names, caps, parked ones): sans-IO.
+        self.intake = Intake(memory_budget, max_bitmaps=max_bitmaps,
+                             durable=self.store is not None)
+        self.spools = Spools(self.store)
+        self._expiry: asyncio.TimerHandle | None = None
         self.stored: dict[tuple[str, str], StoredMeta] = {}
+        self.persist_failures: list[str] = []  # bitmaps the last persist could not store
         self._servers: list[asyncio.AbstractServer] = []
+        self._handlers: set[asyncio.Task[None]] = set()  # accepted, being served
         self._stopped = asyncio.Event()
         if self.store:
             good, bad = self.store.load_all()
@@ -120,47 +133,31 @@ class Daemon:
             or (self.store is not None and self.store.exists(node, name))
         )
 
-    # -- resume -----------------------------------------------------------------------
+    # -- receiving ---------------------------------------------------------------------
 
-    def park(self, start: Start, asm: Assembly, spool: Spool | None, size: int) -> None:
-        """Keep a dropped bitmap's chunks for a retry with the same token (its budget and
-        its name stay taken) until resume_timeout passes."""
-        key = (start.node, start.name)
-        timer = asyncio.get_running_loop().call_later(self.resume_timeout, self._expire, key)
-        self.partials[key] = Partial(start, asm, spool, size, timer)
-        self.trace.event("parked", bitmap=f"{start.node}/{start.name}",
-                         held_chunks=int(asm.received.sum()))
+    @property
+    def budget_used(self) -> int:
+        return self.intake.budget_used
 
-    def _expire(self, key: tuple[str, str]) -> None:
-        p = self.partials.pop(key, None)
-        if p is None:
-            return
-        p.timer.cancel()
-        if p.spool is not None:
-            p.spool.abort()
-        self.release_budget(p.size)
-        self.reserved.discard(key)
-        self.trace.event("discarded", bitmap=f"{key[0]}/{key[1]}")
+    @property
+    def reserved(self) -> set[tuple[str, str]]:
+        """Names being received or parked."""
+        return self.intake.reserved
 
-    def claim(self, start: Start) -> Partial | None:
-        """The parked chunks of this bitmap, when the start is a retry of the same
-        migration (same token, same geometry); a parked bitmap that does not match is
-        discarded: a fresh start must not be mixed with another attempt's chunks."""
-        key = (start.node, start.name)
-        p = self.partials.get(key)
-        if p is None:
-            return None
-        s = p.start
-        if (start.token is None or start.token != s.token or
-                (s.disk_size, s.granularity, s.chunk_size) !=
-                (start.disk_size, start.granularity, start.chunk_size)):
-            self._expire(key)
-            return None
-        del self.partials[key]
-        p.timer.cancel()
-        return p
+    @property
+    def partials(self) -> dict[tuple[str, str], Parked]:
+        """Bitmaps parked for a resume, by name."""
+        return self.intake.parked
 
-    def replaceable(self, start: Start) -> Entry | None:
+    @property
+    def resume_timeout(self) -> float:
+        return self.intake.resume_timeout
+
+    @resume_timeout.setter
+    def resume_timeout(self, seconds: float) -> None:
+        self.intake.resume_timeout = seconds
+
+    def replaceable(self, start: Start) -> DirtyBitmap | None:
         """A bitmap stored here by an earlier attempt of the same migration whose ack was
         lost: the source still owns it too. It may be replaced by this attempt as long as
         nothing changed it here since it arrived (its meta bitmap is clean)."""
@@ -169,46 +166,107 @@ class Daemon:
         if (e is None or meta is None or start.token is None or meta.token != start.token
                 or e.state is not Ownership.OWNED or e.bitmap.meta.count()):
             return None
-        return e
+        return e.bitmap
 
-    def take_budget(self, n: int) -> bool:
-        if self.budget_used + n > self.memory_budget:
-            return False
-        self.budget_used += n
-        return True
+    def own(self, meta: StoredMeta, bm: DirtyBitmap, replace: bool) -> None:
+        """A received bitmap, verified (and stored, with a state directory), is ours."""
+        if not meta.stored_at:
+            meta = dataclasses.replace(meta, stored_at=time.time())
+        if replace:  # the rename replaced the stored file; now the registry entry
+            self.registry.entries.pop((meta.node, meta.name), None)
+        self._adopt(meta, bm)
 
-    def release_budget(self, n: int) -> None:
-        self.budget_used -= n
+    def unstore(self, node: str, name: str) -> None:
+        """The target refused a bitmap already stored: no copy may look valid."""
+        if self.store is not None:
+            self.store.remove(node, name)
+        self.stored.pop((node, name), None)
+
+    def _arm_expiry(self) -> None:
+        """One timer for the earliest expiry of a parked bitmap."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        when = self.intake.next_timer()
+        if when is not None:
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(0.0, when - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        for a in self.intake.handle_timer(time.monotonic()):
+            if type(a) is DiscardSpool:
+                self.spools.discard(a.spool)
+            elif type(a) is Note:
+                self.trace.event(a.what, **a.fields)
+        self._arm_expiry()
+
+    def host(self) -> Host:
+        """The parts of this daemon a receiver uses."""
+        return Host(self.intake, _Stored(self), self.spools, self.own, self.unstore,
+                    self._arm_expiry, self.count_error, self.trace, self.target,
+                    self.io_timeout, self.connect_timeout)
 
     def count_error(self, code: str) -> None:
         self.errors[str(code)] += 1
 
-    async def commit(self, meta: StoredMeta, bm: DirtyBitmap, spool: Spool | None = None,
-                     replace: bool = False) -> None:
-        """Store a verified bitmap durably, then own it. Raises StoreError."""
-        if spool is not None:
-            await asyncio.to_thread(spool.commit, meta)
-        elif self.store is not None:
-            await asyncio.to_thread(self.store.save, meta, bm)
-        if replace:  # the rename above replaced the stored file; now the registry entry
-            self.registry.entries.pop((meta.node, meta.name), None)
-        self._adopt(meta, bm)
-
     # -- serving ----------------------------------------------------------------------
+
+    def _admit(self, addr: str) -> str | None:
+        """Why a new connection from `addr` is refused (the cap it would pass), or None."""
+        if sum(self.connections.values()) >= self.max_connections:
+            return "total"
+        if self.connections[addr] >= self.max_connections_per_peer:
+            return "per_peer"
+        return None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            # TLS is started here, not by start_server, so that a failed handshake is
-            # seen (logged, counted, traced) rather than dropped silently by asyncio.
-            if self.server_ssl is not None and not await tls.accept(self, w, self.server_ssl):
+            peer = w.get_extra_info("peername")
+            addr = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            reason = self._admit(addr)
+            if reason is not None:
+                # Over a cap: closed before TLS, a Receiver or any buffer of ours (a reset,
+                # so no TIME_WAIT state is kept either). Counted, traced, not logged one
+                # by one: a flood must not flood the log too.
+                w.transport.abort()
+                self.refused_connections[reason] += 1
+                self.connections_changed.set()
+                self.trace.event("refused", peer=addr, reason=reason)
                 return
-            await Receiver(self, r, w).run()
+            self.connections[addr] += 1
+            self.connections_changed.set()
+            task = asyncio.current_task()
+            if task is not None:  # always, inside start_server's handler task
+                self._handlers.add(task)
+            try:
+                # TLS is started here, not by start_server, so that a failed handshake is
+                # seen (logged, counted, traced) rather than dropped silently by asyncio.
+                if self.server_ssl is not None and not await tls.accept(self, w,
+                                                                        self.server_ssl):
+                    return
+                await Receiver(self.host(), r, w).run()
+            finally:
+                self.connections[addr] -= 1
+                if self.connections[addr] <= 0:
+                    del self.connections[addr]
+                self.connections_changed.set()
+                self._handlers.discard(task)
 
-        server = await asyncio.start_server(handle, host, port, limit=4 << 20)
+        # The read buffer limit bounds each connection's partly received input
+        # (defaults.CONNECTION_MEMORY); the connection caps bound their number.
+        server = await asyncio.start_server(handle, host, port, limit=defaults.READ_BUFFER)
         self._servers.append(server)
         addr = server.sockets[0].getsockname()
         self.trace.event("listening", host=addr[0], port=addr[1])
         return addr[0], addr[1]
+
+    async def connections_closed(self) -> None:
+        """Return once every connection accepted so far has been served to its end: its
+        bitmaps stored, parked or dropped, its budget released. Tests wait on this
+        instead of polling the daemon's state."""
+        while self._handlers:
+            await asyncio.wait(set(self._handlers))
 
     async def control(self, path: str) -> None:
         from bitmig.daemon.control import serve_control
@@ -225,30 +283,50 @@ class Daemon:
     def persist(self) -> int:
         """Store every bitmap this daemon still owns (at shutdown): bitmaps created here,
         mutated after they arrived, or kept after a failed migration survive a restart.
-        Returns the number stored."""
+        Each is stored on its own: one that cannot be stored never stops the others (it is
+        named in self.persist_failures). Returns the number stored."""
+        self.persist_failures = []
         if self.store is None:
             return 0
-        from bitmig.core.digest import tree_digest
-
         n = 0
         for e in self.registry.owned():
-            if e.unsaved is not None and not e.unsaved.flags.any():
-                continue  # the stored copy is current: nothing to write
-            live = e.bitmap
-            e.unsaved = e.unsaved or live.add_tracker(live.chunk_words)
-            e.unsaved.flags[:] = False  # before the snapshot: a later change re-flags
-            # One snapshot for digest and data: control clients may still be writing.
-            bm = DirtyBitmap(live.disk_size, live.granularity, live.chunk_size,
-                             words=live.words.copy())
-            meta = StoredMeta(e.node, e.name, bm.disk_size, bm.granularity, bm.chunk_size,
-                              e.enabled, e.persistent, bm.count(), tree_digest(bm.words.data),
-                              time.time(), LOCAL, e.token or b"")
-            self.store.save(meta, bm)
-            self.stored[(e.node, e.name)] = meta
-            n += 1
+            try:
+                n += self._persist_one(e)
+            except (StoreError, OSError, ValueError) as err:
+                self.persist_failures.append(f"{e.node!r}/{e.name!r}: {err}")
         return n
 
-    async def close(self) -> None:
+    def _persist_one(self, e: Entry) -> int:
+        from bitmig.core.digest import tree_digest
+
+        assert self.store is not None
+        if e.unsaved is not None and not e.unsaved.flags.any():
+            return 0  # the stored copy is current: nothing to write
+        live = e.bitmap
+        tracker = e.unsaved or live.add_tracker(live.chunk_words)
+        e.unsaved = tracker
+        tracker.flags[:] = False  # before the snapshot: a later change re-flags
+        # One snapshot for digest and data: control clients may still be writing.
+        bm = DirtyBitmap(live.disk_size, live.granularity, live.chunk_size,
+                         words=live.words.copy())
+        meta = StoredMeta(
+            node=e.node, name=e.name, disk_size=bm.disk_size, granularity=bm.granularity,
+            chunk_size=bm.chunk_size, enabled=e.enabled, persistent=e.persistent,
+            count=bm.count(), digest=tree_digest(bm.words.data), stored_at=time.time(),
+            origin=LOCAL, token=e.token or b"")
+        try:
+            self.store.save(meta, bm)
+        except StoreError:
+            tracker.flags[:] = True  # not stored: a later persist tries again
+            raise
+        self.stored[(e.node, e.name)] = meta
+        return 1
+
+    async def close(self) -> list[str]:
+        """Stop serving and store what is owned; returns a message per bitmap that could
+        not be stored (empty when all were)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
         for s in self._servers:
             s.close()
         for s in self._servers:
@@ -256,11 +334,11 @@ class Daemon:
                 await asyncio.wait_for(s.wait_closed(), 2)
             except TimeoutError:
                 pass
-        try:
-            await asyncio.to_thread(self.persist)
-        except StoreError as e:
-            log.error("could not store owned bitmaps at shutdown: %s", e)
+        await asyncio.to_thread(self.persist)
+        for msg in self.persist_failures:
+            log.error("could not store an owned bitmap at shutdown: %s", msg)
         self.trace.close()
+        return list(self.persist_failures)
 
     # -- migrating out ----------------------------------------------------------------
 
@@ -277,6 +355,8 @@ class Daemon:
         progress: Callable[[dict[str, Any]], None] | None = None,
         options: MigrationOptions | None = None,
     ) -> MigrationResult:
+        if self.client_ssl is None and not self.insecure and not is_loopback(host):
+            raise RegistryError("bad_request", plain_tcp_refusal(host))
         entries = self.select(keys)
         if not entries:
             raise RegistryError("bad_request", "no bitmaps to migrate")
@@ -296,6 +376,19 @@ class Daemon:
                     self.store.remove(b.node, b.name)
                     self.stored.pop((b.node, b.name), None)
         return result
+
+
+class _Stored:
+    """What a destination session may ask of the bitmaps this daemon owns or stored."""
+
+    def __init__(self, d: Daemon) -> None:
+        self._d = d
+
+    def holds(self, node: str, name: str) -> bool:
+        return self._d.holds(node, name)
+
+    def replaceable(self, start: Start) -> DirtyBitmap | None:
+        return self._d.replaceable(start)
 
 
 def control_path_default(side: str) -> str:

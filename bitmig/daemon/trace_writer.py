@@ -7,6 +7,7 @@ trace can be compared frame for frame with one decoded from a packet capture.
 from __future__ import annotations
 
 import json
+import os
 import time
 import zlib
 from typing import IO, Any
@@ -42,7 +43,11 @@ class Trace:
 
     def __init__(self, path: str | None, side: str) -> None:
         self.side = side
-        self._f: IO[str] | None = open(path, "a", buffering=1 << 16) if path else None
+        self._f: IO[str] | None = None
+        if path:
+            # 0600 whatever the umask: a trace shows names, sizes and peers' addresses.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._f = open(fd, "a", buffering=1 << 16)
 
     @property
     def enabled(self) -> bool:

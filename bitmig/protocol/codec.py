@@ -96,6 +96,8 @@ def _check_field(kind: Kind, f: Field, v: Any) -> Any:
     if not f.lo <= n <= f.hi:
         unit = "bytes"
         raise _bad(f"{where} is {n} {unit} long, allowed [{f.lo}, {f.hi}]")
+    if f.check is not None and not f.check(v):
+        raise _bad(f"{where} is not {f.check_text}")
     return v
 
 

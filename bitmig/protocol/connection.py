@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from bitmig.protocol import geometry, spec
 from bitmig.protocol.codec import decode_body, encode
 from bitmig.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from bitmig.protocol.events import Bits, Error, Event, Hello, Start, Zeroes
+from bitmig.protocol.events import BitmapFailed, Bits, Error, Event, Hello, Received, Start, Zeroes
 from bitmig.protocol.spec import ErrorCode, Kind, Role
 from bitmig.protocol.state import (
     BITMAP,
@@ -74,23 +74,21 @@ class Connection:
         self.frames_received: Counter[str] = Counter()
         self._buf = bytearray()
         self._pos = 0  # start of unparsed bytes in _buf
-        self._deferred: ProtocolError | None = None  # raised by the next receive_data
 
     # -- receiving --------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Feed bytes from the peer; return the events of every complete frame.
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Received]:
+        """Feed bytes from the peer; return the events of every complete frame, in order.
 
-        Raises RemoteProtocolError on the first violation; the connection is then FAILED
-        and the caller should send `error_frame(exc)` and close.
+        A frame that breaks one bitmap's rules is consumed and reported as a BitmapFailed
+        event (the bitmap is FAILED; the caller sends its error frame and goes on).
+        Raises RemoteProtocolError on the first fatal violation; the connection is then
+        FAILED and the caller should send `error_frame(exc)` and close.
         """
         if self.state is ConnState.FAILED:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED, "data after the connection failed")
         self._buf += data
-        if self._deferred is not None:
-            exc, self._deferred = self._deferred, None
-            raise exc
-        events: list[Event] = []
+        events: list[Received] = []
         buf = self._buf
         prefix = spec.LENGTH_PREFIX.size
         try:
@@ -107,23 +105,25 @@ class Connection:
                 with memoryview(buf) as mv:
                     event = decode_body(mv[self._pos + prefix : end])
                 self._pos = end
-                self._check(event, self.role.peer, RemoteProtocolError)
+                try:
+                    self._check(event, self.role.peer, RemoteProtocolError)
+                except ProtocolError as e:
+                    if e.bitmap_id is None or e.code not in spec.BITMAP_ERRORS:
+                        raise
+                    # One bitmap's fault: its frame is consumed, the bitmap fails, the
+                    # rest of the connection goes on.
+                    geo = self.bitmaps.get(e.bitmap_id)
+                    if geo is not None:
+                        geo.state = BitmapState.FAILED
+                    self.bytes_received += prefix + n
+                    events.append(BitmapFailed(e.bitmap_id, str(e.code), e.message))
+                    continue
                 self.bytes_received += prefix + n
                 self.frames_received[event.KIND.name.lower()] += 1
                 if self.observer:
                     self.observer("recv", event, prefix + n)
                 events.append(event)
-        except ProtocolError as e:
-            if e.bitmap_id is not None and e.code in spec.BITMAP_ERRORS:
-                # One bitmap's fault: its frame is consumed, the bitmap fails, the rest of
-                # the connection goes on. Frames decoded before it are returned first.
-                geo = self.bitmaps.get(e.bitmap_id)
-                if geo is not None:
-                    geo.state = BitmapState.FAILED
-                if events:
-                    self._deferred = e
-                    return events
-                raise
+        except ProtocolError:
             self.state = ConnState.FAILED
             raise
         finally:
@@ -146,11 +146,6 @@ class Connection:
             raise RemoteProtocolError(
                 ErrorCode.CLOSED, f"peer closed the connection in state {state.value}"
             )
-
-    @property
-    def has_deferred(self) -> bool:
-        """A per-bitmap error waits to be raised by the next receive_data call."""
-        return self._deferred is not None
 
     @property
     def buffered(self) -> int:

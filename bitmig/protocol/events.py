@@ -93,7 +93,22 @@ class Mark:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class BitmapFailed:
+    """Not a frame: a Connection reports that a frame from the peer broke one bitmap's
+    rules (e.g. a payload that lies about its size). This side must report `error` for
+    that bitmap (Connection.error_frame); the connection goes on. Given in order with
+    the other events, after the events of the frames before it."""
+
+    id: int
+    code: str
+    message: str
+
+
 Event = Hello | Start | Ready | Bits | Zeroes | Complete | Ack | Error | End | Mark
+
+# What Connection.receive_data returns: the peer's frames, and per-bitmap failures.
+Received = Event | BitmapFailed
 
 EVENT_TYPES: dict[Kind, type] = {
     cls.KIND: cls for cls in (Hello, Start, Ready, Bits, Zeroes, Complete, Ack, Error, End, Mark)

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import Any
 
 # -- versions -------------------------------------------------------------------------
 
@@ -150,6 +151,27 @@ def is_power_of_two(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
+def name_problem(value: object, what: str = "name") -> str | None:
+    """Why `value` cannot be a node or bitmap name, or None when it can. The one rule for
+    every entry point (wire, control socket, command line, store): 1..MAX_NAME_BYTES bytes
+    of UTF-8 and no NUL character (QEMU keeps names as C strings, so it cannot carry one)."""
+    if not isinstance(value, str):
+        return f"{what} must be a string, got {type(value).__name__}"
+    try:
+        n = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"{what} is not valid UTF-8 text"
+    if not 1 <= n <= MAX_NAME_BYTES:
+        return f"{what} is {n} bytes long (UTF-8), allowed 1..{MAX_NAME_BYTES}"
+    if "\0" in value:
+        return f"{what} contains a NUL character, which names may not hold"
+    return None
+
+
+def _no_nul(v: str) -> bool:
+    return "\0" not in v
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     """One field of a frame: msgpack type, bounds, and whether it may be absent."""
@@ -159,7 +181,7 @@ class Field:
     lo: int = 0  # int: minimum value; str/bytes/list: minimum length (bytes / items)
     hi: int = MAX_U64  # int: maximum value; str/bytes/list: maximum length
     required: bool = True
-    check: Callable[[int], bool] | None = None
+    check: Callable[[Any], bool] | None = None
     check_text: str = ""
 
 
@@ -177,8 +199,10 @@ FIELDS: dict[Kind, tuple[Field, ...]] = {
     ),
     Kind.START: (
         _ID,
-        Field("node", str, 1, MAX_NAME_BYTES),
-        Field("name", str, 1, MAX_NAME_BYTES),
+        Field("node", str, 1, MAX_NAME_BYTES, check=_no_nul,
+              check_text="free of NUL characters"),
+        Field("name", str, 1, MAX_NAME_BYTES, check=_no_nul,
+              check_text="free of NUL characters"),
         Field("disk_size", int, 1, MAX_U64),
         Field("granularity", int, MIN_GRANULARITY, MAX_GRANULARITY, check=is_power_of_two,
               check_text="a power of two"),

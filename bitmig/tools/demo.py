@@ -28,10 +28,12 @@ def dest_trace_path(path: str) -> str:
 
 
 async def start_dest(workdir: Path, trace: str | None = None,
-                     extra: list[str] | None = None) -> tuple[subprocess.Popen[str], str, int, str]:
-    """Start `bitmig dest` as its own process on a free loopback port; wait until ready."""
+                     extra: list[str] | None = None,
+                     port: int = 0) -> tuple[subprocess.Popen[str], str, int, str]:
+    """Start `bitmig dest` as its own process on a loopback port (0: a free one); wait
+    until ready."""
     sock = str(workdir / "dest.sock")
-    cmd = [sys.executable, "-m", "bitmig", "dest", "--listen", "127.0.0.1:0",
+    cmd = [sys.executable, "-m", "bitmig", "dest", "--listen", f"127.0.0.1:{port}",
            "--state-dir", str(workdir / "dest-state"), "--control", sock,
            "--log-level", "warning", *(extra or [])]
     if trace:
@@ -50,7 +52,7 @@ async def demo(a: argparse.Namespace, show: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bitmig-demo-") as tmp:
         work = Path(tmp)
         proc, host, port, sock = await start_dest(
-            work, dest_trace_path(a.trace) if a.trace else None)
+            work, dest_trace_path(a.trace) if a.trace else None, port=a.port)
         try:
             opts = MigrationOptions(downtime_ms=a.downtime_ms, max_passes=a.max_passes,
                                     small_threshold=a.small_threshold)

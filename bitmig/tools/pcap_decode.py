@@ -23,7 +23,7 @@ from bitmig.protocol import spec
 from bitmig.protocol.codec import decode_body
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import ProtocolError
-from bitmig.protocol.events import Event
+from bitmig.protocol.events import BitmapFailed, Event
 from bitmig.protocol.spec import Role
 
 # Link-layer types met in practice (tcpdump -i lo/eth0/any, raw IP captures).
@@ -168,6 +168,10 @@ class _Session:
             if self.validating:
                 try:
                     (ev,) = self.views[sender].receive_data(frame)
+                    if type(ev) is BitmapFailed:  # one bitmap fails; the connection goes on
+                        out.append((decode_body(frame[spec.LENGTH_PREFIX.size:]), len(frame),
+                                    f"{ev.code}: {ev.message}"))
+                        continue
                     self.views[other].send(ev)
                     out.append((ev, len(frame), None))
                     continue
