@@ -10,6 +10,7 @@ Failures and refusals leave both daemons' bitmaps as they were. Skipped without 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import socket
@@ -357,7 +358,7 @@ def _gate_missing() -> str | None:
 
     d = Daemon("source")
     missing = [h for h in ("before_freeze", "target") if not hasattr(d, h)]
-    return f"Daemon lacks {', '.join(missing)} (branches source-session, dest-session)" \
+    return f"Daemon lacks {', '.join(missing)} (branch source-session)" \
         if missing else None
 
 
@@ -521,3 +522,26 @@ def test_cli_qmp_errors_are_one_line(tmp_path: Path) -> None:
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith(f"bitmig {args[0]}: ") and "Traceback" not in r.stderr
         assert "--qmp" in r.stderr or "--map" in r.stderr
+
+
+def test_dest_qmp_delivers_what_a_source_sends(tmp_path: Path, daemons) -> None:
+    """`bitmig dest --qmp` with the daemon's delivery target: a plain source's bitmap
+    arrives in qemu-storage-daemon B with the sha256 the source reports; a clash is
+    refused and B keeps its bitmap."""
+    b = daemons("b", bitmaps=[("taken", 65536, True)])
+    before = b.bitmaps()
+    dest, port = _start_dest(tmp_path, b, "dest")
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "bitmig", "source", "--create", "disk0/fresh", "--create",
+             "disk0/taken", "--disk-size", str(SIZE), "--fill", "0.2", "--control",
+             str(tmp_path / "s.sock"), "--migrate-to", f"127.0.0.1:{port}", "--retries", "1"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        dest.stop()
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    by = {x["name"]: x for x in result["bitmaps"]}
+    assert by["fresh"]["ok"] and b.bitmaps()["fresh"]["sha256"] == by["fresh"]["sha256"]
+    assert not by["taken"]["ok"] and "already exists" in by["taken"]["error"]
+    assert b.bitmaps()["taken"] == before["taken"]
+    no_leftovers(b)
