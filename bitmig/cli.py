@@ -147,11 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--qcow2", default=None, metavar="IMAGE",
                    help="deliver each received bitmap into this closed qcow2 image (through "
                    "qemu-img, verified) before acknowledging it; see docs/qemu.md")
+    d.add_argument("--qmp", default=_env("qmp", None), metavar="SOCK",
+                   help="also give each verified bitmap to the running QEMU (or "
+                   "qemu-storage-daemon) at this QMP socket before acknowledging it; see "
+                   "docs/qemu.md")
     d.add_argument("--map", action="append", default=None, metavar="RULE",
-                   help="names in the --qcow2 image: SRC_NODE[:NAME]=[DST_NODE][:NAME] "
-                   "(repeatable) or @FILE (JSON)")
+                   help="with --qcow2 or --qmp: node/bitmap names there, SRC_NODE[:NAME]="
+                   "[DST_NODE][:NAME] (repeatable) or @FILE (JSON); see docs/qemu.md")
     d.add_argument("--replace", action="store_true",
-                   help="with --qcow2: replace a bitmap of the same name (else refused)")
+                   help="with --qcow2 or --qmp: replace a bitmap of the same name (else "
+                   "refused)")
     _add_tls(d, client=False)
     _add_common(d, "dest")
     _add_migration_opts(d)
@@ -190,9 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "read only, the image is not changed); see docs/qemu.md")
     s.add_argument("--node", default=None,
                    help="node name of --qcow2's bitmaps (default: the image file's name "
-                   "without extension)")
+                   "without extension); with --qmp: only this QEMU node's bitmaps")
     s.add_argument("--bitmap", action="append", default=None, metavar="NAME",
-                   help="only this bitmap of the --qcow2 image (repeatable); default: all")
+                   help="only this bitmap of the --qcow2 image or --qmp node (repeatable); "
+                   "default: all")
+    s.add_argument("--qmp", default=_env("qmp", None), metavar="SOCK",
+                   help="own the bitmaps of the running QEMU (or qemu-storage-daemon) at this "
+                   "QMP socket, kept current while it writes (--node, --bitmap select); the "
+                   "migration freezes only after `complete`; see docs/qemu.md")
+    s.add_argument("--poll-interval", type=float, default=float(_env("poll_interval", 1.0)),
+                   metavar="S", help="with --qmp: seconds between reads of QEMU's new writes")
     _add_tls(s, client=True)
     _add_common(s, "source")
     _add_migration_opts(s)
@@ -347,12 +359,24 @@ async def _run_dest(a: argparse.Namespace) -> int:
               "least 1", file=sys.stderr)
         return 2
     target = None
+    if a.qcow2 and a.qmp:
+        print("bitmig dest: --qcow2 and --qmp exclude each other (one delivery target)",
+              file=sys.stderr)
+        return 2
     if a.qcow2:
         from bitmig.tools.qemu_cli import image_target
 
         target, err = image_target(a.qcow2, a.map, a.replace)
         if err:
             print(f"bitmig dest: {err}", file=sys.stderr)
+            return 2
+    if a.qmp:
+        from bitmig.tools.qemu_live_cli import make_target
+
+        try:
+            target = make_target(a.qmp, a.map, a.replace)
+        except ValueError as e:
+            print(f"bitmig dest: --map: {e}", file=sys.stderr)
             return 2
     try:
         daemon = Daemon(Role.DESTINATION, a.state_dir, a.trace, _options(a), a.memory_budget,
@@ -453,6 +477,16 @@ async def _run_source(a: argparse.Namespace) -> int:
         if err:
             print(f"bitmig source: {err}", file=sys.stderr)
             return 2
+    live = None
+    if a.qmp:
+        from bitmig.tools.qemu_live_cli import attach_source
+
+        live = await attach_source(daemon, a.qmp, a.node, a.bitmap, a.poll_interval,
+                                   a.chunk_size)
+        if isinstance(live, str):
+            print(f"bitmig source: --qmp {a.qmp}: {live}", file=sys.stderr)
+            return 2
+        daemon.options.wait_for_complete = True  # freeze only after `complete`
     await daemon.control(a.control)
     if a.metrics:
         from bitmig.daemon.metrics import serve_metrics
@@ -485,6 +519,8 @@ async def _run_source(a: argparse.Namespace) -> int:
         await daemon.serve_forever()
     if workload:
         await workload.stop()
+    if live is not None:
+        await live.close()  # bitmig's recording bitmaps leave QEMU
     return _report_unstored("source", await daemon.close(), rc)
 
 

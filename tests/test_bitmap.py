@@ -147,3 +147,70 @@ def test_digest_cache_tracks_every_change() -> None:
         bm.reset(int(rng.integers(0, 1 << 35)), 1 << 30)
         assert cache.digest() == tree_digest(bm.words.data)
     assert cache.refresh() == 0  # nothing stale after a digest
+
+
+@settings(max_examples=100, deadline=None)
+@given(disk=st.integers(1, 2_000_000), chunk=st.sampled_from([8, 16, 64, 1024]),
+       seed=st.integers(0, 2**32 - 1), sparse=st.booleans())
+def test_merge_words_is_or_and_marks_changed_chunks(disk: int, chunk: int, seed: int,
+                                                    sparse: bool) -> None:
+    """A delta folded in with merge_words: bits are the union (reference model: one bool
+    per cluster), the count follows, and exactly the chunks that gained a bit are marked.
+    Sparse deltas (a few bits) and dense ones take different paths."""
+    rng = np.random.default_rng(seed)
+    bm = DirtyBitmap(disk, GRAN, chunk)
+    model = Model(disk, GRAN)
+    for b in rng.integers(0, bm.nbits, rng.integers(0, bm.nbits + 1)).tolist():
+        bm.set_bits(b, b + 1)
+        model.bits[b] = True
+    delta = DirtyBitmap(disk, GRAN, chunk)
+    nnew = rng.integers(0, 3) if sparse else rng.integers(0, bm.nbits + 1)
+    new = rng.integers(0, bm.nbits, nnew).tolist()
+    for b in new:
+        delta.set_bits(b, b + 1)
+    bm.meta.flags[:] = False
+    gained = {b for b in new if not model.bits[b]}
+    for b in new:
+        model.bits[b] = True
+    assert bm.merge_words(delta.words) == len(gained)
+    assert bytes(bm.serialize(0, bm.nchunks)) == model.serialized()
+    assert bm.count() == sum(model.bits)
+    expect = np.zeros(bm.nchunks, bool)
+    for b in gained:
+        expect[(b // 64) // (chunk // 8)] = True
+    assert np.array_equal(bm.meta.flags, expect)
+
+
+def test_merge_words_refuses_wrong_geometry_and_padding() -> None:
+    bm = DirtyBitmap(100 * GRAN, GRAN, 64)
+    with pytest.raises(GeometryError, match="words must be 2"):
+        bm.merge_words(np.zeros(3, dtype="<u8"))
+    bad = np.zeros(2, dtype="<u8")
+    bad[1] = np.uint64(1 << 40)  # bit 104: past cluster 99
+    with pytest.raises(ValueError, match="past the end"):
+        bm.merge_words(bad)
+    assert bm.count() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(disk=st.integers(1, 200_000), chunk=st.sampled_from([8, 16, 64, 1024]),
+       seed=st.integers(0, 2**32 - 1))
+def test_assign_words_replaces_and_marks_every_tracker(disk: int, chunk: int, seed: int) -> None:
+    """A full re-read assigned in place: bits equal the new words (set and cleared), the
+    count follows, and the meta bitmap and other trackers flag exactly the chunks that
+    differ."""
+    rng = np.random.default_rng(seed)
+    bm = DirtyBitmap(disk, GRAN, chunk)
+    bm.set_many(rng.integers(0, bm.nbits, rng.integers(0, bm.nbits + 1)))
+    other = DirtyBitmap(disk, GRAN, chunk)
+    other.set_many(rng.integers(0, bm.nbits, rng.integers(0, bm.nbits + 1)))
+    bm.meta.flags[:] = False
+    extra = bm.add_tracker(2 * bm.chunk_words)
+    extra.flags[:] = False
+    expect_words = np.flatnonzero(bm.words != other.words)
+    assert bm.assign_words(other.words) == expect_words.size
+    assert np.array_equal(bm.words, other.words) and bm.count() == other.count()
+    for t, unit in ((bm.meta, bm.chunk_words), (extra, 2 * bm.chunk_words)):
+        expect = np.zeros(t.flags.size, bool)
+        expect[expect_words // unit] = True
+        assert np.array_equal(t.flags, expect)
