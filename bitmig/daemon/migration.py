@@ -8,6 +8,7 @@ applies the session's freeze/thaw/handoff actions to the registry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl as ssl_mod
 from collections.abc import Awaitable, Callable
@@ -21,14 +22,9 @@ from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol import spec
 from bitmig.protocol.events import Event
 from bitmig.session import source as s
-from bitmig.session.source import (  # re-exported: callers import them from here too
-    BitmapOutcome,
-    MigrationOptions,
-    MigrationResult,
-    OutgoingBitmap,
-    SourceSession,
-)
+from bitmig.session.source import MigrationOptions, MigrationResult
 
+BitmapOutcome = s.BitmapOutcome  # re-exported: callers import these from here too
 __all__ = ["BitmapOutcome", "Migration", "MigrationOptions", "MigrationResult"]
 
 WRITE_BUFFER_HIGH = 4 << 20  # bytes queued in the transport before the sender waits
@@ -55,10 +51,10 @@ class Migration:
         for e in entries:  # one token per bitmap until it is handed off: retries share it
             if e.token is None:
                 e.token = os.urandom(spec.TOKEN_BYTES)
-        outs = [OutgoingBitmap(e.node, e.name, e.bitmap, e.token or b"", e.enabled,
+        outs = [s.OutgoingBitmap(e.node, e.name, e.bitmap, e.token or b"", e.enabled,
                                e.persistent) for e in entries]
         self._by_out = {id(o): e for o, e in zip(outs, entries, strict=True)}
-        self.session = SourceSession(
+        self.session = s.SourceSession(
             outs, f"{host}:{port}", self.opts, observer=self._observe,
             explain_early_failure=lambda exc: tls.before_hello(exc, host, port, ssl is not None))
         self.result = self.session.result
@@ -69,13 +65,8 @@ class Migration:
         self._timer: asyncio.TimerHandle | None = None
         self._final: MigrationResult | None = None
 
-    @property
-    def phase(self) -> str:
-        return self.session.phase
-
-    @property
-    def pass_no(self) -> int:
-        return self.session.pass_no
+    phase = property(lambda self: self.session.phase)  # for status and metrics
+    pass_no = property(lambda self: self.session.pass_no)
 
     def release(self) -> None:
         """Open the freeze gate (wait_for_complete): freeze at the next chance."""
@@ -124,51 +115,47 @@ class Migration:
             self.trace.flush()
 
     async def _do(self, a: s.Action) -> None:
-        t = type(a)
-        if t is s.Send:
-            if self.writer is not None:
-                for buf in a.buffers:  # one write per buffer: no joined copy of payloads
+        match a:
+            case s.Send(buffers=bufs) if self.writer is not None:
+                for buf in bufs:  # one write per buffer: no joined copy of payloads
                     self.writer.write(buf)
-        elif t is s.WantWrite:
-            w = self.writer
-            if w is not None and w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-                self._spawn(self._drain(w))
-            else:
-                self._feed(self.session.writable)
-        elif t is s.SetTimer:
-            self._arm(a.at)
-        elif t is s.Progress:
-            if self.progress is not None:
-                self.progress(a.fields)
-        elif t is s.Note:
-            self.trace.event(a.kind, **a.fields)
-        elif t is s.Compute:
-            self._spawn(self._compute(a.jobs))
-        elif t is s.Freeze:
-            self._spawn(self._freeze(a.ids))
-        elif t is s.Unfreeze:
-            for i in a.ids:
-                e = self._entry(i)
-                self.registry.thaw(e, None)  # held mutations apply in arrival order
-                e.state = Ownership.MIGRATING
-        elif t is s.HandOff:
-            self.registry.thaw(self._entry(a.id), a.owner)
-        elif t is s.Connect:
-            self._spawn(self._connect(a.at))
-        elif t is s.Close:
-            await self._close()
-        elif t is s.AttemptDone:
-            await self._attempt_done(a.result, a.retry_at)
-        elif t is s.Finished:
-            self._final = a.result
+            case s.WantWrite():
+                w = self.writer
+                if w is not None and w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    self._spawn(self._drain(w))
+                else:
+                    self._feed(self.session.writable)
+            case s.SetTimer(at=at):
+                self._arm(at)
+            case s.Progress(fields=f) if self.progress is not None:
+                self.progress(f)
+            case s.Note(kind=kind, fields=f):
+                self.trace.event(kind, **f)
+            case s.Compute(jobs=jobs):
+                self._spawn(self._compute(jobs))
+            case s.Freeze(ids=ids):
+                self._spawn(self._freeze(ids))
+            case s.Unfreeze(ids=ids):
+                for e in map(self._entry, ids):
+                    self.registry.thaw(e, None)  # held mutations apply in arrival order
+                    e.state = Ownership.MIGRATING
+            case s.HandOff(id=i, owner=owner):
+                self.registry.thaw(self._entry(i), owner)
+            case s.Connect(at=at):
+                self._spawn(self._connect(at))
+            case s.Close():
+                await self._close()
+            case s.AttemptDone(result=r, retry_at=retry_at):
+                await self._attempt_done(r, retry_at)
+            case s.Finished(result=r):
+                self._final = r
 
     def _arm(self, at: float) -> None:
-        loop = asyncio.get_running_loop()
-        if self._timer is not None and self._timer.when() <= at:
-            return  # an earlier timer fires first; the session re-arms from there
         if self._timer is not None:
+            if self._timer.when() <= at:
+                return  # an earlier timer fires first; the session re-arms from there
             self._timer.cancel()
-        self._timer = loop.call_at(at, self._fire)
+        self._timer = asyncio.get_running_loop().call_at(at, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
@@ -201,14 +188,13 @@ class Migration:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
                 self.host, self.port, ssl=self.ssl, limit=1 << 20), o.connect_timeout)
-        except TimeoutError:
-            exc: Exception = Timeout(f"timed out after {o.connect_timeout:g}s connecting to "
-                                     f"{self.host}:{self.port}")
-            self._feed(lambda now: self.session.connect_failed(now, exc))
-            return
-        except (OSError, ssl_mod.SSLError) as e:
-            err = tls.before_hello(e, self.host, self.port, True) \
-                if isinstance(e, ssl_mod.SSLError) else e
+        except (OSError, ssl_mod.SSLError, TimeoutError) as e:
+            err: Exception = e
+            if isinstance(e, TimeoutError):
+                err = Timeout(f"timed out after {o.connect_timeout:g}s connecting to "
+                              f"{self.host}:{self.port}")
+            elif isinstance(e, ssl_mod.SSLError):
+                err = tls.before_hello(e, self.host, self.port, True)
             self._feed(lambda now: self.session.connect_failed(now, err))
             return
         writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
@@ -231,24 +217,19 @@ class Migration:
 
     async def _close(self) -> None:
         w, self.writer = self.writer, None
-        if w is None:
-            return
-        if not w.is_closing():
+        if w is not None:
             w.close()
-        try:
-            await asyncio.wait_for(w.wait_closed(), 2)
-        except (OSError, TimeoutError, ssl_mod.SSLError):
-            pass
+            with contextlib.suppress(OSError, TimeoutError, ssl_mod.SSLError):
+                await asyncio.wait_for(w.wait_closed(), 2)
 
     async def _attempt_done(self, r: MigrationResult, retry_at: float | None) -> None:
         # QEMU's flat sha256 of each handed-off bitmap, for reports and cross-checks: not
         # part of the protocol, so computed outside the migration's duration (the bitmap
         # no longer changes once handed off).
-        by_key = {(e.node, e.name): e for e in self.entries}
+        by_key = {(e.node, e.name): e.bitmap for e in self.entries}
         for b in r.bitmaps:
             if b.ok and not b.sha256:
-                bm = by_key[(b.node, b.name)].bitmap
-                b.sha256 = (await asyncio.to_thread(bm.sha256)).hex()
+                b.sha256 = (await asyncio.to_thread(by_key[(b.node, b.name)].sha256)).hex()
         self.trace.event("outcome", ok=r.ok, error=r.error, downtime_ms=r.downtime_ms,
                          bytes_sent=r.bytes_sent, passes=r.passes,
                          bitmaps=[asdict(b) for b in r.bitmaps])

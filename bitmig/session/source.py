@@ -531,9 +531,6 @@ class SourceSession:
         self._deadline = now + limit
         return [SetTimer(self._deadline)]
 
-    def _note(self, kind: str, **fields: Any) -> Note:
-        return Note(kind, fields)
-
     def _set_phase(self, now: float, phase: str, **extra: Any) -> list[Action]:
         self.phase = phase
         return [Note("phase", {"phase": phase, **extra}), self.progress(now, **extra)]
@@ -932,6 +929,7 @@ class SourceSession:
         out.append(Close())
         self.conn = None
         self._deadline = None
+        self._after_sync = self._after_compute = None
         self._bulk = None
         self._plan = []
         left = [b for b in self.bitmaps if not self.final[id(b)].ok]
