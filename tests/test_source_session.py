@@ -561,3 +561,21 @@ def test_options_built_one_way_with_clear_errors() -> None:
         with pytest.raises(OptionsError) as err:
             build_options(bad)
         assert msg in str(err.value)
+
+
+def test_abort_ends_the_attempt_and_re_flags_unconfirmed_chunks() -> None:
+    bm = bitmap(22)
+    rng = np.random.default_rng(23)
+    sess = session(("b", bm), retries=5)
+    h = Harness(sess, ScriptedDest(),
+                on_send=lambda h: bm.set_many(rng.integers(0, bm.nbits, 50)))
+    h.do(sess.start(h.now))
+    while sess.pass_no < 2 or sess.step is not s.Step.PASS:  # inside the second dirty pass
+        h.do(h.queue.pop(0)(h.now))
+    resent = sess.items[0].unconfirmed.copy()
+    assert resent.any()  # chunks sent twice since the last mark echo
+    h.do(sess.abort(h.now))
+    assert h.result is not None and not h.result.ok and len(h.attempts) == 1
+    assert h.result.error == "the migration was stopped"
+    assert bm.meta.flags[resent].all()  # dirty again: the destination may hold older copies
+    assert len(bm._trackers) == 1  # the digest tracker of the attempt is gone (meta stays)

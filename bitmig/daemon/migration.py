@@ -104,6 +104,8 @@ class Migration:
                     return self._final
                 actions = (await self._events.get())(loop.time())
         finally:
+            if self._final is None:  # cancelled: the session still closes its books
+                self.session.abort(loop.time())
             for t in list(self._tasks):
                 t.cancel()
             if self._timer:

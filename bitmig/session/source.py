@@ -378,6 +378,7 @@ class SourceSession:
         self._keepalive = False
         self._released = False  # the gate was opened by a call: freeze at the next chance
         self._limit = 0.0
+        self._no_retry = False
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -451,7 +452,10 @@ class SourceSession:
                 return [SetTimer(self._deadline)]
             self._deadline = None  # backoff over
             self.step = Step.CONNECTING
-            return [Connect(now, self.attempt)]
+            return [Note("migration", {"destination": self.destination, "attempt": self.attempt,
+                                       "bitmaps": [b.key for b in self.bitmaps
+                                                   if not self.final[id(b)].ok]}),
+                    Connect(now, self.attempt)]
         if self.step is Step.GATE and self._deadline is not None:
             if now < self._deadline:
                 return [SetTimer(self._deadline)]
@@ -475,6 +479,16 @@ class SourceSession:
             self._deadline = None
             return self._guard(now, lambda: self._freeze(now))
         return []  # the next decision point freezes
+
+    def abort(self, now: float, why: str = "the migration was stopped") -> list[Action]:
+        """Stop now (the adapter was cancelled): end the attempt as failed, no retry. What
+        was not acknowledged stays the source's, with unconfirmed chunks dirty again."""
+        if self.finished:
+            return []
+        self._no_retry = True
+        if self.step in (Step.IDLE, Step.CONNECTING):  # no connection open: nothing begun
+            self._begin_attempt(now)
+        return self._end_attempt(now, why)
 
     def bitmap_failed(self, now: float, ev: BitmapFailed) -> list[Action]:
         """This bitmap failed locally (connection check, delivery...): report and go on."""
@@ -933,7 +947,7 @@ class SourceSession:
         self._bulk = None
         self._plan = []
         left = [b for b in self.bitmaps if not self.final[id(b)].ok]
-        if r.ok or not left or self.attempt >= max(1, self.opts.retries):
+        if r.ok or not left or self._no_retry or self.attempt >= max(1, self.opts.retries):
             self.step = Step.DONE
             self.phase = "done" if r.ok else self.phase
             self.finished = True
