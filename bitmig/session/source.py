@@ -274,14 +274,16 @@ Action = (Connect | Send | WantWrite | SetTimer | Compute | Freeze | Unfreeze | 
           | Close | Note | Progress | AttemptDone | Finished)
 
 
-@dataclass(frozen=True, slots=True)
-class BitmapFailed:
-    """ADAPTER SHIM until helper A's `bitmig.protocol.events.BitmapFailed` lands on main:
-    the connection found a fault that fails one bitmap only (code, message)."""
+try:  # helper A's event (branch dest-session): the connection reports per-bitmap faults
+    from bitmig.protocol.events import BitmapFailed  # type: ignore[attr-defined]
+except ImportError:  # ADAPTER SHIM until that lands on main; drop this branch then
+    @dataclass(frozen=True, slots=True)
+    class BitmapFailed:  # type: ignore[no-redef]
+        """This bitmap failed locally (a fault in one of its frames): report, go on."""
 
-    id: int
-    code: str
-    message: str
+        id: int
+        code: str
+        message: str
 
 
 # -- the session ---------------------------------------------------------------------------
@@ -598,7 +600,9 @@ class SourceSession:
                 out += self._on_event(now, ev)
                 if self.step is Step.IDLE or self.step is Step.DONE:
                     return out  # the attempt ended
-            if not self.conn.has_deferred:
+            # SHIM: a per-bitmap error deferred behind the events just returned (gone once
+            # the Connection reports BitmapFailed events in order).
+            if not getattr(self.conn, "has_deferred", False):
                 return out
             data = b""
 
