@@ -98,14 +98,21 @@ def _add_migration_opts(p: argparse.ArgumentParser) -> None:
                    "small_threshold", defaults.SMALL_THRESHOLD))),
                    help="bitmaps whose serialized size is at or below this skip the live phase "
                    "and are sent once, whole, at completion")
+    _add_retry_opts(p)
+
+
+def _add_retry_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retries", type=int, default=int(_env("retries", defaults.RETRIES)),
+                   help="attempts for a migration before giving up")
+    p.add_argument("--retry-delay", type=float, default=float(_env("retry_delay",
+                   defaults.RETRY_DELAY)), help="seconds before the first retry; doubles")
 
 
 def _options(a: argparse.Namespace) -> Any:
-    from bitmig.daemon.migration import MigrationOptions
+    """MigrationOptions from the parsed arguments; raises OptionsError."""
+    from bitmig.session.source import OPTION_NAMES, build_options
 
-    return MigrationOptions(downtime_ms=a.downtime_ms, max_passes=a.max_passes,
-                            small_threshold=a.small_threshold, io_timeout=a.io_timeout,
-                            connect_timeout=a.connect_timeout)
+    return build_options({k: getattr(a, k) for k in OPTION_NAMES if hasattr(a, k)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,10 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", default=None,
                    help="allow migrating in plain TCP to a non-loopback destination (and "
                    "--metrics on a non-loopback address)")
-    s.add_argument("--retries", type=int, default=int(_env("retries", defaults.RETRIES)),
-                   help="attempts for --migrate-to before giving up")
-    s.add_argument("--retry-delay", type=float, default=float(_env("retry_delay",
-                   defaults.RETRY_DELAY)), help="seconds before the first retry; doubles")
+    s.add_argument("--wait-for-complete", action="store_true", default=None,
+                   help="keep doing dirty passes and freeze only when released by the control "
+                   "command 'complete' (live QEMU sources)")
     s.add_argument("--qcow2", action="append", default=[], metavar="IMAGE",
                    help="own the persistent bitmaps of this closed qcow2 image (repeatable; "
                    "read only, the image is not changed); see docs/qemu.md")
@@ -228,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--downtime-ms", type=float, default=defaults.DOWNTIME_MS)
     m.add_argument("--max-passes", type=int, default=defaults.MAX_PASSES)
     m.add_argument("--small-threshold", type=_size, default=defaults.SMALL_THRESHOLD)
+    _add_retry_opts(m)
     m.add_argument("--seed", type=int, default=1)
     m.add_argument("--port", type=int, default=0,
                    help="destination's loopback port, to capture it (0: any free port)")
@@ -384,7 +391,7 @@ async def _run_dest(a: argparse.Namespace) -> int:
                         max_connections=a.max_connections,
                         max_connections_per_peer=a.max_connections_per_peer,
                         max_bitmaps=a.max_bitmaps, target=target)
-    except StoreError as e:
+    except (StoreError, ValueError) as e:  # ValueError: OptionsError
         print(f"bitmig dest: {e}", file=sys.stderr)
         return 2
     h, p = await daemon.listen(host, port)
@@ -445,11 +452,12 @@ async def _run_source(a: argparse.Namespace) -> int:
         return 2
     from bitmig.core.store import StoreError
 
+    a.wait_for_complete = a.wait_for_complete or _env_flag("wait_for_complete")
     try:
         daemon = Daemon(Role.SOURCE, a.state_dir, a.trace, _options(a), io_timeout=a.io_timeout,
                         connect_timeout=a.connect_timeout, client_ssl=client_ssl,
                         insecure=insecure)
-    except StoreError as e:
+    except (StoreError, ValueError) as e:  # ValueError: OptionsError
         print(f"bitmig source: {e}", file=sys.stderr)
         return 2
     for spec_ in a.create:
@@ -502,7 +510,7 @@ async def _run_source(a: argparse.Namespace) -> int:
     if a.migrate_to:
         # SIGINT/SIGTERM stop the retries too: whatever was not acknowledged stays owned
         # here (and is stored at exit with --state-dir).
-        job = asyncio.ensure_future(_migrate_with_retries(daemon, a))
+        job = asyncio.ensure_future(_migrate_at_start(daemon, a))
         stop = asyncio.ensure_future(daemon.serve_forever())
         await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -524,27 +532,24 @@ async def _run_source(a: argparse.Namespace) -> int:
     return _report_unstored("source", await daemon.close(), rc)
 
 
-async def _migrate_with_retries(daemon: Any, a: argparse.Namespace) -> int:
+async def _migrate_at_start(daemon: Any, a: argparse.Namespace) -> int:
+    """--migrate-to: every owned bitmap; the daemon retries as --retries says. One JSON
+    line per attempt on stdout."""
+    keys = [(e.node, e.name) for e in daemon.registry.owned()]
+    if not keys:
+        return 1
+
+    def attempt_done(r: Any, retry_in: float | None) -> None:
+        print(json.dumps({"attempt": r.attempt, **r.to_dict()}), flush=True)
+        if retry_in is not None:
+            print(f"bitmig source: attempt {r.attempt} failed ({r.error}); retrying in "
+                  f"{round(retry_in, 2):g}s", file=sys.stderr)
+
     from bitmig.tools.progress import progress_printer
 
-    host, port = a.migrate_to
-    delay = a.retry_delay
-    result = None
-    for attempt in range(1, max(1, a.retries) + 1):
-        keys = [(e.node, e.name) for e in daemon.registry.owned()]
-        if not keys:
-            break
-        result = await daemon.migrate(host, port, keys,
-                                      progress=progress_printer(sys.stderr))
-        print(json.dumps({"attempt": attempt, **result.to_dict()}), flush=True)
-        if result.ok:
-            return 0
-        if attempt < a.retries:
-            print(f"bitmig source: attempt {attempt} failed ({result.error}); retrying in "
-                  f"{delay:g}s", file=sys.stderr)
-            await asyncio.sleep(delay)
-            delay *= 2
-    return 1
+    result = await daemon.migrate(*a.migrate_to, keys, progress=progress_printer(sys.stderr),
+                                  on_attempt=attempt_done)
+    return 0 if result.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

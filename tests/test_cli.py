@@ -146,3 +146,19 @@ def test_bad_insecure_value_only_breaks_dest(tmp_path: Path) -> None:
                           str(tmp_path), "--control", str(tmp_path / "c.sock")], env=env,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "BITMIG_INSECURE must be" in bad.stderr
+
+
+def test_migration_options_from_the_command_line() -> None:
+    from bitmig.cli import _options, build_parser
+
+    a = build_parser().parse_args(["source", "--wait-for-complete", "--retries", "5",
+                                   "--retry-delay", "0.25", "--small-threshold", "64K"])
+    o = _options(a)
+    assert (o.wait_for_complete, o.retries, o.retry_delay, o.small_threshold) == \
+        (True, 5, 0.25, 65536)
+    d = _options(build_parser().parse_args(["dest", "--retries", "2"]))
+    assert d.retries == 2 and not d.wait_for_complete
+    bad = subprocess.run([*BITMIG, "source", "--retries", "-1", "--control",
+                          "/nonexistent/x.sock"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "bitmig source: 'retries' must be a whole number in [0, 1000], got -1" in bad.stderr

@@ -259,9 +259,9 @@ async def test_slow_destination_bounded_source_memory(tmp_path: Path) -> None:
         nonlocal peak, samples
         for _ in range(3000):  # bounded: 3000 * 5 ms
             m = src.active_migration
-            ch = getattr(m, "ch", None) if m else None
-            if ch is not None and ch.writer.transport is not None:
-                peak = max(peak, ch.writer.transport.get_write_buffer_size())
+            writer = m.writer if m else None
+            if writer is not None and writer.transport is not None:
+                peak = max(peak, writer.transport.get_write_buffer_size())
                 samples += 1
             await asyncio.sleep(0.005)
 

@@ -243,12 +243,78 @@ async def test_destination_migrates_a_received_bitmap_onward(tmp_path: Path) -> 
     a = Daemon("source")
     e = a.registry.add("n", "x", 1 << 40, 65536)
     e.bitmap.fill_random(0.05, np.random.default_rng(8))
+    # The reference model, built independently of B: A's bits plus B's write (16 clusters).
+    ref = DirtyBitmap(1 << 40, 65536, 1024)
+    ref.words[:] = e.bitmap.words
+    newly_set = 16 - sum(ref.get(i) for i in range(16))
+    assert newly_set > 0  # the write changes something, so it can be told apart
+    ref.set(0, 1 << 20)
     assert (await a.migrate("127.0.0.1", port_b)).ok
-    assert await b.registry.mutate("n", "x", "set", 0, 1 << 20) >= 0  # a write at B
-    expect = b.registry.get("n", "x").bitmap.words.copy()
+    assert await b.registry.mutate("n", "x", "set", 0, 1 << 20) == newly_set  # a write at B
     onward = await b.migrate("127.0.0.1", port_c, [("n", "x")])
     assert onward.ok, onward.error
     assert not b.store.exists("n", "x")
     with pytest.raises(HandedOff, match=f"127.0.0.1:{port_c}"):
         await b.registry.mutate("n", "x", "set", 0, 1)
-    assert np.array_equal(c.registry.get("n", "x").bitmap.words, expect)
+    assert np.array_equal(c.registry.get("n", "x").bitmap.words, ref.words)
+
+
+@pytest.mark.parametrize("release", ["control", "python"])
+async def test_wait_for_complete_freezes_only_once_released(tmp_path: Path,
+                                                            release: str) -> None:
+    from bitmig.daemon.control import acall
+    from bitmig.daemon.registry import RegistryError
+
+    dest, port = await dest_daemon(tmp_path)
+    src = Daemon("source", options=MigrationOptions(small_threshold=0, wait_for_complete=True))
+    sock = str(tmp_path / "src.sock")
+    await src.control(sock)
+    e = src.registry.add("n", "g", 1 << 40, 65536)
+    e.bitmap.fill_random(0.05, np.random.default_rng(3))
+    at_gate = asyncio.Event()
+    dirty_reports = []
+
+    def progress(p: dict) -> None:
+        dirty_reports.append(p["phase"] == "dirty")
+        if sum(dirty_reports) >= 5:  # passes (keep-alive marks) go on while it waits
+            at_gate.set()
+
+    seen: list[Ownership] = []
+
+    async def fold_last_delta() -> None:  # what a live QEMU source does before the freeze
+        seen.append(e.state)
+        await src.registry.mutate("n", "g", "set", 1 << 39, 65536)
+
+    src.before_freeze.append(fold_last_delta)
+    job = asyncio.create_task(src.migrate("127.0.0.1", port, progress=progress))
+    await asyncio.wait_for(at_gate.wait(), 60)
+    assert not job.done() and e.state is Ownership.MIGRATING and not seen
+    if release == "control":
+        assert await acall(sock, "complete") == {"released": True}
+    else:
+        assert src.release_freeze()
+    result = await asyncio.wait_for(job, 60)
+    assert result.ok, result.error
+    assert seen == [Ownership.MIGRATING]  # the hook ran before the freeze
+    got = dest.registry.get("n", "g").bitmap
+    assert got.get((1 << 39) // 65536) and np.array_equal(got.words, e.bitmap.words)
+    with pytest.raises(RegistryError, match="no migration is running"):
+        await acall(sock, "complete")
+    await src.close()
+
+
+async def test_control_migrate_retries(tmp_path: Path) -> None:
+    from bitmig.daemon.control import acall
+
+    src = Daemon("source", options=MigrationOptions(connect_timeout=2))
+    sock = str(tmp_path / "src.sock")
+    await src.control(sock)
+    src.registry.add("n", "b", 1 << 30, 65536)
+    # Nothing listens on port 1: every attempt is refused; control asks for three.
+    r = await acall(sock, "migrate", host="127.0.0.1", port=1, retries=3, retry_delay=0.01)
+    assert not r["ok"] and r["attempt"] == 3 and "ConnectionRefusedError" in r["error"]
+    assert [m.attempt for m in src.migrations] == [1, 2, 3]
+    with pytest.raises(Exception, match="'retries' must be a whole number in"):
+        await acall(sock, "migrate", host="127.0.0.1", port=1, retries=-1)
+    assert src.registry.get("n", "b").state is Ownership.OWNED
+    await src.close()

@@ -23,9 +23,9 @@ import numpy as np
 from bitmig import __version__
 from bitmig.core.store import make_private_dir
 from bitmig.core.units import parse_size
-from bitmig.daemon.migration import MigrationOptions
 from bitmig.daemon.registry import RegistryError
 from bitmig.protocol import spec
+from bitmig.session.source import OPTION_NAMES, OptionsError, build_options
 
 if TYPE_CHECKING:
     from bitmig.daemon.service import Daemon
@@ -183,17 +183,24 @@ async def _migrate(d: Daemon, req: dict[str, Any]) -> Any:
                                            f"{host[:80]!r}")
     port = _arg(req, "port", int, lo=1, hi=65535)
     keys = _keys(req)
-    o = d.options
-    opts = MigrationOptions(
-        downtime_ms=float(_arg(req, "downtime_ms", (int, float), o.downtime_ms, lo=0,
-                               hi=3_600_000)),
-        max_passes=_arg(req, "max_passes", int, o.max_passes, lo=0, hi=1_000_000),
-        small_threshold=_arg(req, "small_threshold", int, o.small_threshold, lo=0,
-                             hi=spec.MAX_U64),
-        frame_payload=o.frame_payload, connect_timeout=o.connect_timeout,
-        io_timeout=o.io_timeout, ack_timeout=o.ack_timeout)
+    # Options not given keep the daemon's (its command line's) values.
+    try:
+        opts = build_options({k: req[k] for k in MIGRATE_OPTIONS if k in req}, d.options)
+    except OptionsError as e:
+        raise RegistryError("bad_request", str(e)) from None
     result = await d.migrate(host, port, keys, options=opts)
     return result.to_dict()
+
+
+MIGRATE_OPTIONS = tuple(n for n in OPTION_NAMES if n != "frame_payload")
+
+
+@command("complete")
+async def _complete(d: Daemon, req: dict[str, Any]) -> Any:
+    """Let the running migration freeze (it waits for this under wait_for_complete)."""
+    if not d.release_freeze():
+        raise RegistryError("not_found", "no migration is running")
+    return {"released": True}
 
 
 @command("status")

@@ -1,396 +1,242 @@
-"""The source side of a migration: bulk pass, dirty passes, frozen completion, handoff."""
+"""The asyncio adapter of a SourceSession: sockets, TLS, timers, registry ownership.
+
+Every decision (passes, freeze, handoff, resume, retries) is the session's
+(bitmig.session.source); this module opens connections, moves bytes, runs timers and
+applies the session's freeze/thaw/handoff actions to the registry.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl as ssl_mod
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
-import numpy as np
-
-from bitmig import __version__
-from bitmig.core import defaults
-from bitmig.core.digest import DigestCache
-from bitmig.core.planner import Planner
 from bitmig.daemon import tls
-from bitmig.daemon.channel import Channel, Timeout
+from bitmig.daemon.channel import Timeout, peer_name
 from bitmig.daemon.registry import Entry, Ownership, Registry
 from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol import spec
-from bitmig.protocol.errors import PeerError, ProtocolError, RemoteProtocolError
-from bitmig.protocol.events import Ack, Complete, End, Error, Hello, Mark, Ready, Start, Zeroes
-from bitmig.protocol.have import decode_have
-from bitmig.protocol.spec import ErrorCode
-from bitmig.protocol.state import Role
+from bitmig.protocol.events import Event
+from bitmig.session import source as s
+from bitmig.session.source import MigrationOptions, MigrationResult
+
+BitmapOutcome = s.BitmapOutcome  # re-exported: callers import these from here too
+__all__ = ["BitmapOutcome", "Migration", "MigrationOptions", "MigrationResult"]
 
 WRITE_BUFFER_HIGH = 4 << 20  # bytes queued in the transport before the sender waits
-
-
-@dataclass
-class MigrationOptions:
-    downtime_ms: float = defaults.DOWNTIME_MS
-    max_passes: int = defaults.MAX_PASSES
-    small_threshold: int = defaults.SMALL_THRESHOLD
-    frame_payload: int = defaults.FRAME_PAYLOAD
-    connect_timeout: float = defaults.CONNECT_TIMEOUT
-    io_timeout: float = defaults.IO_TIMEOUT
-    ack_timeout: float = defaults.ACK_TIMEOUT
-
-
-@dataclass
-class BitmapOutcome:
-    node: str
-    name: str
-    ok: bool
-    live: bool
-    error: str | None = None
-    count: int = 0
-    digest: str = ""  # tree digest sent in complete (hex)
-    sha256: str = ""  # QEMU-compatible flat sha256 of the handed-off bitmap (hex)
-    serialized_size: int = 0
-    resumed_chunks: int = 0  # chunks the destination already held from an earlier attempt
-
-
-@dataclass
-class MigrationResult:
-    ok: bool
-    destination: str
-    bitmaps: list[BitmapOutcome] = field(default_factory=list)
-    passes: int = 0
-    forced: bool = False  # completion forced by max_passes
-    bytes_sent: int = 0
-    bytes_live: int = 0  # bytes sent before the freeze
-    frames: dict[str, int] = field(default_factory=dict)  # every frame sent, by kind
-    zero_runs: int = 0
-    chunks_sent: int = 0
-    downtime_ms: float = 0.0
-    duration_s: float = 0.0
-    bitmap_bytes: int = 0
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
+READ_SIZE = 1 << 20
 Progress = Callable[[dict[str, Any]], None]
-
-
-class _Item:
-    """One bitmap in a migration."""
-
-    def __init__(self, entry: Entry, bid: int, opts: MigrationOptions) -> None:
-        self.entry = entry
-        self.id = bid
-        self.planner = Planner(entry.bitmap, bid, opts.frame_payload)
-        self.live = entry.bitmap.serialized_size > opts.small_threshold
-        self.digests = DigestCache(entry.bitmap)
-        self.outcome = BitmapOutcome(entry.node, entry.name, False, self.live,
-                                     serialized_size=entry.bitmap.serialized_size)
-        self.active = True
-        self.resumed = False
-        # Chunks the destination may hold an older version of: sent before (in this attempt
-        # or, per `have`, an earlier one) and sent again since the destination last
-        # confirmed it applied everything (a mark echo). If the attempt fails they count as
-        # dirty again: `have` says the destination holds the chunk, not which version. A
-        # chunk sent only once needs no such care: if that frame was lost, `have` lacks it.
-        self.sent = np.zeros(entry.bitmap.nchunks, dtype=bool)
-        self.unconfirmed = np.zeros(entry.bitmap.nchunks, dtype=bool)
-        if entry.token is None:  # one token per bitmap until it is handed off: retries share it
-            entry.token = os.urandom(spec.TOKEN_BYTES)
+Hook = Callable[[], Awaitable[None]]
+OnAttempt = Callable[[MigrationResult, float | None], None]  # result, seconds to the retry
 
 
 class Migration:
-    """Migrates a set of bitmaps over one connection. One-shot: create one per attempt."""
+    """Migrates a set of bitmaps, with the retries the options allow. One-shot."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        entries: list[Entry],
-        host: str,
-        port: int,
-        opts: MigrationOptions | None = None,
-        trace: Trace | None = None,
-        progress: Progress | None = None,
-        ssl: ssl_mod.SSLContext | None = None,
-    ) -> None:
-        self.registry = registry
+    def __init__(self, registry: Registry, entries: list[Entry], host: str, port: int,
+                 opts: MigrationOptions | None = None, trace: Trace | None = None,
+                 progress: Progress | None = None, ssl: ssl_mod.SSLContext | None = None,
+                 before_freeze: list[Hook] | None = None,
+                 on_attempt: OnAttempt | None = None) -> None:
+        self.registry, self.entries = registry, entries
+        self.host, self.port, self.ssl = host, port, ssl
         self.opts = opts or MigrationOptions()
-        self.host, self.port = host, port
         self.trace = trace or Trace(None, "source")
-        self.progress = progress
-        self.ssl = ssl
-        self.items = [_Item(e, i, self.opts) for i, e in enumerate(entries)]
-        self.result = MigrationResult(False, f"{host}:{port}",
-                                      bitmap_bytes=sum(e.bitmap.serialized_size for e in entries))
-        self.phase = "setup"
-        self.pass_no = 0
-        self._t0 = 0.0
-        self._seq = 0
-        self._sync_t = 0.0
-        self._sync_bytes = 0
+        self.progress, self.on_attempt = progress, on_attempt
+        self.before_freeze = before_freeze if before_freeze is not None else []
+        for e in entries:  # one token per bitmap until it is handed off: retries share it
+            if e.token is None:
+                e.token = os.urandom(spec.TOKEN_BYTES)
+        outs = [s.OutgoingBitmap(e.node, e.name, e.bitmap, e.token or b"", e.enabled,
+                               e.persistent) for e in entries]
+        self._by_out = {id(o): e for o, e in zip(outs, entries, strict=True)}
+        self.session = s.SourceSession(
+            outs, f"{host}:{port}", self.opts, observer=self._observe,
+            explain_early_failure=lambda exc: tls.before_hello(exc, host, port, ssl is not None))
+        self.result = self.session.result
+        self.writer: asyncio.StreamWriter | None = None
+        self._peer = f"{host}:{port}"
+        self._events: asyncio.Queue[Callable[[float], list[s.Action]]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._final: MigrationResult | None = None
 
-    # -- bookkeeping ------------------------------------------------------------------
+    phase = property(lambda self: self.session.phase)  # for status and metrics
+    pass_no = property(lambda self: self.session.pass_no)
 
-    def _set_phase(self, phase: str, **extra: Any) -> None:
-        self.phase = phase
-        self.trace.event("phase", phase=phase, **extra)
-        self._report()
+    def release(self) -> None:
+        """Open the freeze gate (wait_for_complete): freeze at the next chance."""
+        self._feed(self.session.open_gate)
 
-    def _report(self, **extra: Any) -> None:
-        if self.progress is None:
-            return
-        self.progress({
-            "phase": self.phase, "pass": self.pass_no,
-            "bytes_sent": self.ch.conn.bytes_sent if hasattr(self, "ch") else 0,
-            "pending_bytes": self._pending(),
-            "elapsed_s": time.monotonic() - self._t0, **extra,
-        })
+    def _observe(self, direction: str, event: Event, nbytes: int) -> None:
+        if self.trace.enabled:
+            self.trace.frame(direction, self._peer, event, nbytes)
 
-    def _pending(self) -> int:
-        return sum(it.planner.pending_bytes() for it in self.items if it.active and it.live)
+    def _feed(self, fn: Callable[[float], list[s.Action]]) -> None:
+        self._events.put_nowait(fn)
 
-    def _write(self, frames: list[Any]) -> None:
-        for f in frames:
-            it = self.items[f.id]
-            span = slice(f.first, f.first + f.count)
-            it.unconfirmed[span] |= it.sent[span]
-            it.sent[span] = True
-            self.ch.write(f)
-            self.result.chunks_sent += f.count
-            if type(f) is Zeroes:
-                self.result.zero_runs += 1
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
-    async def _drain_if_needed(self) -> None:
-        if self.ch.writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-            await self.ch.drain("the destination to take more data")
-
-    async def _sync(self) -> float:
-        """Send a mark and wait for its echo: the destination has then applied everything
-        sent so far. Returns the bytes per second achieved since the previous sync,
-        end to end (bytes merely queued in socket buffers do not count as sent)."""
-        self._seq += 1
-        self.ch.write(Mark(self._seq))
-        await self.ch.drain()
-        while True:
-            try:
-                ev = await self.ch.recv("the destination to catch up (mark echo)")
-            except PeerError as e:
-                it = next((i for i in self.items if i.id == e.bitmap_id and i.active), None)
-                if it is None:
-                    raise
-                self._fail_item(it, f"{e.code}: {e.message}")
-                continue
-            if type(ev) is Mark and ev.seq == self._seq:
-                break
-        for it in self.items:
-            it.unconfirmed[:] = False
-        now, sent = time.monotonic(), self.ch.conn.bytes_sent
-        bw = (sent - self._sync_bytes) / max(now - self._sync_t, 1e-6)
-        self._sync_t, self._sync_bytes = now, sent
-        return bw
-
-    # -- the phases ---------------------------------------------------------------------
+    def _entry(self, bid: int) -> Entry:
+        return self._by_out[id(self.session.items[bid].out)]
 
     async def run(self) -> MigrationResult:
-        self._t0 = time.monotonic()
-        for it in self.items:
-            if it.entry.state is not Ownership.OWNED:
-                raise ValueError(f"bitmap {it.entry.key} is {it.entry.state.value}, not owned")
-        for it in self.items:
-            it.entry.state = Ownership.MIGRATING
-        self.trace.event("migration", destination=self.result.destination,
-                         bitmaps=[it.entry.key for it in self.items])
+        loop = asyncio.get_running_loop()
+        for e in self.entries:
+            if e.state is not Ownership.OWNED:
+                self.result.error = f"ValueError: bitmap {e.key} is {e.state.value}, not owned"
+                return self.result
+        for e in self.entries:
+            e.state = Ownership.MIGRATING
         try:
-            await self._connect()
-            await self._setup()
-            await self._live()
-            await self._complete()
-            await self.ch.send(End())
-            await self.ch.recv("the destination's end")
-            self.result.ok = all(it.outcome.ok for it in self.items)
-        except (OSError, ProtocolError, PeerError, Timeout, ValueError) as e:
-            self.result.error = f"{type(e).__name__}: {e}"
-            if isinstance(e, ProtocolError) and hasattr(self, "ch"):
-                await self.ch.fail(e)
+            actions = self.session.start(loop.time())
+            while True:
+                for a in actions:
+                    await self._do(a)
+                if self._final is not None:
+                    return self._final
+                actions = (await self._events.get())(loop.time())
         finally:
-            for it in self.items:  # whatever was not acknowledged stays ours, intact
-                it.entry.bitmap.remove_tracker(it.digests.stale)  # one per attempt otherwise
-                if it.entry.state is not Ownership.HANDED_OFF:
-                    it.entry.bitmap.meta.flags |= it.unconfirmed
-                    self.registry.thaw(it.entry, None)
-                    if it.outcome.error is None and not it.outcome.ok:
-                        it.outcome.error = self.result.error or "not acknowledged"
-            if hasattr(self, "ch"):
-                await self.ch.close()
-                self.result.bytes_sent = self.ch.conn.bytes_sent
-                self.result.frames = dict(self.ch.conn.frames_sent)
-            self.result.bitmaps = [it.outcome for it in self.items]
-            self.result.passes = self.pass_no
-            self.result.duration_s = time.monotonic() - self._t0
-            # QEMU's flat sha256 of each handed-off bitmap, for reports and cross-checks: not
-            # part of the protocol, so computed outside the migration's duration (the bitmap
-            # no longer changes here).
-            for it in self.items:
-                if it.outcome.ok:
-                    it.outcome.sha256 = (await asyncio.to_thread(it.entry.bitmap.sha256)).hex()
-            self.trace.event("outcome", ok=self.result.ok, error=self.result.error,
-                             downtime_ms=self.result.downtime_ms,
-                             bytes_sent=self.result.bytes_sent, passes=self.pass_no,
-                             bitmaps=[asdict(b) for b in self.result.bitmaps])
+            if self._final is None:  # cancelled: the session still closes its books
+                self.session.abort(loop.time())
+            for t in list(self._tasks):
+                t.cancel()
+            if self._timer:
+                self._timer.cancel()
+            await self._close()
+            for e in self.entries:  # whatever was not acknowledged stays ours, intact
+                if e.state is not Ownership.HANDED_OFF:
+                    self.registry.thaw(e, None)
             self.trace.flush()
-        return self.result
 
-    async def _connect(self) -> None:
+    async def _do(self, a: s.Action) -> None:
+        match a:
+            case s.Send(buffers=bufs) if self.writer is not None:
+                for buf in bufs:  # one write per buffer: no joined copy of payloads
+                    self.writer.write(buf)
+            case s.WantWrite():
+                w = self.writer
+                if w is not None and w.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    self._spawn(self._drain(w))
+                else:
+                    self._feed(self.session.writable)
+            case s.SetTimer(at=at):
+                self._arm(at)
+            case s.Progress(fields=f) if self.progress is not None:
+                self.progress(f)
+            case s.Note(kind=kind, fields=f):
+                self.trace.event(kind, **f)
+            case s.Compute(jobs=jobs):
+                self._spawn(self._compute(jobs))
+            case s.Freeze(ids=ids):
+                self._spawn(self._freeze(ids))
+            case s.Unfreeze(ids=ids):
+                for e in map(self._entry, ids):
+                    self.registry.thaw(e, None)  # held mutations apply in arrival order
+                    e.state = Ownership.MIGRATING
+            case s.HandOff(id=i, owner=owner):
+                self.registry.thaw(self._entry(i), owner)
+            case s.Connect(at=at):
+                self._spawn(self._connect(at))
+            case s.Close():
+                await self._close()
+            case s.AttemptDone(result=r, retry_at=retry_at):
+                await self._attempt_done(r, retry_at)
+            case s.Finished(result=r):
+                self._final = r
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            if self._timer.when() <= at:
+                return  # an earlier timer fires first; the session re-arms from there
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._feed(self.session.timer)
+
+    async def _drain(self, w: asyncio.StreamWriter) -> None:
+        try:
+            await w.drain()
+        except (OSError, ssl_mod.SSLError):
+            return  # the reader reports the broken connection
+        if w is self.writer:
+            self._feed(self.session.writable)
+
+    async def _compute(self, jobs: list[Callable[[], Any]]) -> None:
+        await asyncio.gather(*(asyncio.to_thread(j) for j in jobs))
+        self._feed(self.session.computed)
+
+    async def _freeze(self, ids: list[int]) -> None:
+        for hook in self.before_freeze:  # e.g. fold QEMU's last delta into the bitmap
+            await hook()
+        if self.session.step is not s.Step.FREEZING:
+            return  # the attempt ended meanwhile
+        self.registry.freeze([self._entry(i) for i in ids])
+        self._feed(self.session.frozen)
+
+    async def _connect(self, at: float) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, at - loop.time()))
         o = self.opts
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, ssl=self.ssl,
-                                        limit=1 << 20), o.connect_timeout)
-        except TimeoutError:
-            raise Timeout(f"timed out after {o.connect_timeout:g}s connecting to "
-                          f"{self.host}:{self.port}") from None
-        except ssl_mod.SSLError as e:
-            raise tls.before_hello(e, self.host, self.port, True) from None
-        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-        self.ch = Channel(reader, writer, Role.SOURCE, self.trace, o.io_timeout)
-        try:  # with TLS 1.3 the destination's verdict on our certificate arrives here
-            await self.ch.send(Hello(spec.PROTOCOL_VERSION, spec.MIN_PROTOCOL_VERSION,
-                                     Role.SOURCE, spec.CAPABILITIES,
-                                     f"bitmig/{__version__}"))
-            await self.ch.recv("the destination's hello", o.connect_timeout)
-        except (ssl_mod.SSLError, ConnectionError, RemoteProtocolError) as e:
-            raise tls.before_hello(e, self.host, self.port, self.ssl is not None) from None
-
-    async def _setup(self) -> None:
-        for it in self.items:
-            e, bm = it.entry, it.entry.bitmap
-            self.ch.write(Start(it.id, e.node, e.name, bm.disk_size, bm.granularity,
-                                bm.chunk_size, e.enabled, e.persistent, it.live, e.token))
-        await self.ch.drain()
-        async for it, ev in self._replies(self.items, Ready, "ready for the started bitmaps"):
-            if ev.have is not None and it.live:
-                try:
-                    self._resume(it, ev)
-                except RemoteProtocolError as e:  # a mask that does not decode: that bitmap
-                    self.ch.writer.writelines(self.ch.conn.error_frame(e))
-                    self._fail_item(it, f"{e.code}: {e.message}")
-        if not any(it.active for it in self.items):
-            raise ValueError("the destination refused every bitmap")
-
-    async def _replies(self, items: list[_Item], kind: type, what: str,
-                       timeout: float | None = None) -> AsyncIterator[tuple[_Item, Any]]:
-        """The destination's `kind` answer for each of `items`, as it arrives. An error
-        frame naming one of them fails that bitmap only; any other error ends the run."""
-        waiting = {it.id: it for it in items}
-        while waiting:
-            try:
-                ev = await self.ch.recv(what, timeout)
-            except PeerError as e:
-                if e.bitmap_id not in waiting:
-                    raise
-                self._fail_item(waiting.pop(e.bitmap_id), f"{e.code}: {e.message}")
-                continue
-            if type(ev) is kind and ev.id in waiting:
-                yield waiting.pop(ev.id), ev
-
-    def _resume(self, it: _Item, ready: Ready) -> None:
-        """The destination kept chunks from an earlier attempt: send only what it lacks
-        and what changed here since (the meta bitmap remembers that across attempts)."""
-        bm = it.entry.bitmap
-        have = decode_have(ready.have_enc or 0, ready.have, bm.nchunks, it.id)
-        bm.meta.flags |= ~have
-        it.sent |= have  # a resend of these may leave the destination with an older version
-        it.resumed = True
-        it.outcome.resumed_chunks = int(np.count_nonzero(have))
-        self.trace.event("resume", bitmap=it.entry.key, held_chunks=it.outcome.resumed_chunks,
-                         to_send=bm.meta.count())
-
-    def _fail_item(self, it: _Item, why: str) -> None:
-        it.active = False
-        it.outcome.error = why
-        self.registry.thaw(it.entry, None)
-        self.trace.event("bitmap_failed", bitmap=it.entry.key, error=why)
-
-    async def _live(self) -> None:
-        live = [it for it in self.items if it.active and it.live]
-        if not live:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl, limit=1 << 20), o.connect_timeout)
+        except (OSError, ssl_mod.SSLError, TimeoutError) as e:
+            err: Exception = e
+            if isinstance(e, TimeoutError):
+                err = Timeout(f"timed out after {o.connect_timeout:g}s connecting to "
+                              f"{self.host}:{self.port}")
+            elif isinstance(e, ssl_mod.SSLError):
+                err = tls.before_hello(e, self.host, self.port, True)
+            self._feed(lambda now: self.session.connect_failed(now, err))
             return
-        self._sync_t, self._sync_bytes = time.monotonic(), self.ch.conn.bytes_sent
-        self._set_phase("bulk")
-        for it in live:
-            if it.resumed:
-                continue  # its meta bitmap already names every chunk still to send
-            cw = it.entry.bitmap.chunk_words
-            for frames in it.planner.bulk():
-                self._write(frames)
-                # Hash what was just sent while it is in cache; the destination is slower
-                # than this side, so the time is otherwise spent waiting for drain.
-                it.digests.refresh(frames[0].first * cw, (frames[-1].first + frames[-1].count) * cw)
-                await self._drain_if_needed()
-                self._report()
-        await asyncio.gather(*(asyncio.to_thread(it.digests.refresh) for it in live))
-        await self._sync()
-        # The bulk rate (large frames) overstates how fast scattered dirty chunks move, so
-        # the first estimate comes from a dirty pass: until then, any pending byte counts.
-        bw = 0.0
-        self._set_phase("dirty")
-        target = self.opts.downtime_ms / 1000
-        small = sum(it.entry.bitmap.serialized_size for it in self.items
-                    if it.active and not it.live)
-        while True:
-            live = [it for it in live if it.active]
-            if self._pending() == 0:
-                break  # nothing dirty: only the small bitmaps are left for completion
-            pending = self._pending() + small
-            if bw > 0 and pending / bw <= target:
-                break
-            if self.pass_no >= self.opts.max_passes:
-                self.result.forced = True
-                self.trace.event("forced", passes=self.pass_no, pending_bytes=pending)
-                break
-            self.pass_no += 1
-            plan = [(it, it.planner.dirty_runs()) for it in live]
-            self.trace.event("pass", n=self.pass_no, pending_bytes=pending,
-                             chunks=sum(len(r) for _, r in plan), bandwidth=bw)
-            for it, runs in plan:
-                for first, count in runs:
-                    self._write(it.planner.take(first, count))
-                    await self._drain_if_needed()
-            # Keep leaf hashes fresh so the frozen window rehashes only the last changes.
-            await asyncio.gather(*(asyncio.to_thread(it.digests.refresh) for it in live))
-            # The pass's own rate, frames and all, predicts the frozen window best.
-            bw = await self._sync()
-            self._report()
+        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.writer = writer
+        self._peer = peer_name(writer)
+        self._feed(self.session.connected)
+        self._spawn(self._read(reader, writer))
 
-    async def _complete(self) -> None:
-        active = [it for it in self.items if it.active]
-        self.result.bytes_live = self.ch.conn.bytes_sent
-        t0 = time.monotonic()
-        self.registry.freeze([it.entry for it in active])
-        self._set_phase("completion", pending_bytes=self._pending())
-        for it in active:
-            frames = it.planner.take_dirty() if it.live else it.planner.take_all()
-            self._write(frames)
-            bm = it.entry.bitmap
-            digest = it.digests.digest()
-            it.outcome.count = bm.count()
-            it.outcome.digest = digest.hex()
-            self.ch.write(Complete(it.id, digest, bm.count()))
-        await self.ch.drain("the destination to take the final chunks")
-        async for it, ev in self._replies(active, Ack, "acknowledgements",
-                                          self.opts.ack_timeout):
-            if ev.digest.hex() != it.outcome.digest:
-                self.ch.write(Error(ErrorCode.DIGEST_MISMATCH,
-                                    "ack digest differs from the one sent", it.id))
-                self._fail_item(it, "destination acknowledged a different digest")
-                continue
-            # The acknowledgement is the handoff: from here the destination owns it.
-            self.registry.thaw(it.entry, self.result.destination)
-            it.outcome.ok = True
-            self.trace.event("handoff", bitmap=it.entry.key, owner=self.result.destination)
-        self.result.downtime_ms = (time.monotonic() - t0) * 1000
-        self._set_phase("done", downtime_ms=self.result.downtime_ms)
+    async def _read(self, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(READ_SIZE):
+                self._feed(lambda now, d=data: self.session.receive_data(now, d)
+                           if w is self.writer else [])
+        except (OSError, ssl_mod.SSLError) as e:
+            err = e
+            self._feed(lambda now: self.session.connection_lost(now, err)
+                       if w is self.writer else [])
+            return
+        self._feed(lambda now: self.session.eof(now) if w is self.writer else [])
+
+    async def _close(self) -> None:
+        w, self.writer = self.writer, None
+        if w is not None:
+            w.close()
+            with contextlib.suppress(OSError, TimeoutError, ssl_mod.SSLError):
+                await asyncio.wait_for(w.wait_closed(), 2)
+
+    async def _attempt_done(self, r: MigrationResult, retry_at: float | None) -> None:
+        # QEMU's flat sha256 of each handed-off bitmap, for reports and cross-checks: not
+        # part of the protocol, so computed outside the migration's duration (the bitmap
+        # no longer changes once handed off).
+        by_key = {(e.node, e.name): e.bitmap for e in self.entries}
+        for b in r.bitmaps:
+            if b.ok and not b.sha256:
+                b.sha256 = (await asyncio.to_thread(by_key[(b.node, b.name)].sha256)).hex()
+        self.trace.event("outcome", ok=r.ok, error=r.error, downtime_ms=r.downtime_ms,
+                         bytes_sent=r.bytes_sent, passes=r.passes,
+                         bitmaps=[asdict(b) for b in r.bitmaps])
+        self.trace.flush()
+        self.result = r
+        if self.on_attempt is not None:
+            loop = asyncio.get_running_loop()
+            self.on_attempt(r, None if retry_at is None else max(0.0, retry_at - loop.time()))

@@ -15,7 +15,7 @@ import os
 import ssl as ssl_mod
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from bitmig.core import defaults
 from bitmig.core.bitmap import DirtyBitmap
 from bitmig.core.store import Store, StoredMeta, StoreError
 from bitmig.daemon import tls
-from bitmig.daemon.migration import Migration, MigrationOptions, MigrationResult
+from bitmig.daemon.migration import Migration, OnAttempt
 from bitmig.daemon.receiver import Host, Receiver
 from bitmig.daemon.registry import Entry, Ownership, Registry, RegistryError
 from bitmig.daemon.spools import Spools
@@ -31,6 +31,7 @@ from bitmig.daemon.trace_writer import Trace
 from bitmig.protocol.events import Start
 from bitmig.protocol.spec import Role
 from bitmig.session.destination import DiscardSpool, Intake, Note, Parked
+from bitmig.session.source import MigrationOptions, MigrationResult
 from bitmig.session.target import BitmapTarget
 
 log = logging.getLogger("bitmig")
@@ -92,6 +93,9 @@ class Daemon:
         self.errors: Counter[str] = Counter()
         self.migrations: list[MigrationResult] = []
         self.active_migration: Migration | None = None
+        # Awaited after the freeze gate opens, right before a migration freezes its
+        # bitmaps (a live QEMU source folds its last delta into the bitmap here).
+        self.before_freeze: list[Callable[[], Awaitable[None]]] = []
         self.store = Store(state_dir) if state_dir else None
         # Admission of arriving bitmaps (budget, names, caps, parked ones): sans-IO.
         self.intake = Intake(memory_budget, max_bitmaps=max_bitmaps,
@@ -354,7 +358,10 @@ class Daemon:
         keys: list[tuple[str, str]] | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
         options: MigrationOptions | None = None,
+        on_attempt: OnAttempt | None = None,
     ) -> MigrationResult:
+        """Migrate, retrying as the options say; returns the last attempt's result listing
+        every bitmap. `on_attempt(result, retry_in)` sees each attempt as it ends."""
         if self.client_ssl is None and not self.insecure and not is_loopback(host):
             raise RegistryError("bad_request", plain_tcp_refusal(host))
         entries = self.select(keys)
@@ -362,20 +369,39 @@ class Daemon:
             raise RegistryError("bad_request", "no bitmaps to migrate")
         if self.active_migration is not None:
             raise RegistryError("busy", "a migration is already running")
+
+        seen: list[MigrationResult] = []
+
+        def attempt_done(r: MigrationResult, retry_in: float | None) -> None:
+            seen.append(r)
+            self.migrations.append(r)
+            if on_attempt is not None:
+                on_attempt(r, retry_in)
+
         m = Migration(self.registry, entries, host, port, options or self.options, self.trace,
-                      progress, self.client_ssl)
+                      progress, self.client_ssl, self.before_freeze, attempt_done)
         self.active_migration = m
         try:
             result = await m.run()
         finally:
             self.active_migration = None
-        self.migrations.append(result)
+        if not seen:
+            self.migrations.append(result)  # ended before any attempt (e.g. not owned)
         if self.store is not None:  # what was handed onward is no longer ours to keep
             for b in result.bitmaps:
                 if b.ok:
                     self.store.remove(b.node, b.name)
                     self.stored.pop((b.node, b.name), None)
         return result
+
+    def release_freeze(self) -> bool:
+        """Let the running migration freeze (it waits for this under wait_for_complete).
+        Returns False when no migration is running."""
+        m = self.active_migration
+        if m is None:
+            return False
+        m.release()
+        return True
 
 
 class _Stored:

@@ -16,9 +16,9 @@ import numpy as np
 
 from bitmig.core.units import format_size
 from bitmig.daemon.control import acall
-from bitmig.daemon.migration import MigrationOptions
 from bitmig.daemon.service import Daemon
 from bitmig.protocol.spec import Role
+from bitmig.session.source import OPTION_NAMES, MigrationOptions, OptionsError, build_options
 from bitmig.tools.progress import progress_printer
 from bitmig.tools.workload import Workload
 
@@ -48,14 +48,14 @@ async def start_dest(workdir: Path, trace: str | None = None,
     return proc, host, int(port), sock
 
 
-async def demo(a: argparse.Namespace, show: Any) -> dict[str, Any]:
+async def demo(a: argparse.Namespace, show: Any,
+               opts: MigrationOptions | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bitmig-demo-") as tmp:
         work = Path(tmp)
         proc, host, port, sock = await start_dest(
             work, dest_trace_path(a.trace) if a.trace else None, port=a.port)
         try:
-            opts = MigrationOptions(downtime_ms=a.downtime_ms, max_passes=a.max_passes,
-                                    small_threshold=a.small_threshold)
+            opts = opts or demo_options(a)
             src = Daemon(Role.SOURCE, None, a.trace, opts)
             rng = np.random.default_rng(a.seed)
             for i in range(a.bitmaps):
@@ -107,14 +107,23 @@ async def demo(a: argparse.Namespace, show: Any) -> dict[str, Any]:
     }
 
 
+def demo_options(a: argparse.Namespace) -> MigrationOptions:
+    return build_options({k: getattr(a, k) for k in OPTION_NAMES if hasattr(a, k)})
+
+
 def run_demo(a: argparse.Namespace) -> int:
+    try:
+        opts = demo_options(a)
+    except OptionsError as e:
+        print(f"bitmig demo: {e}", file=sys.stderr)
+        return 2
     if a.trace and os.path.exists(a.trace):
         os.unlink(a.trace)
     show = None if a.json else progress_printer(sys.stdout)
     if not a.json:
         print(f"bitmig demo: {a.bitmaps} bitmap(s) of a {format_size(a.disk_size)} disk at "
               f"{format_size(a.granularity)}, {a.dirty:.0%} dirty, {a.write_rate:g} writes/s")
-    s = asyncio.run(demo(a, show))
+    s = asyncio.run(demo(a, show, opts))
     if a.json:
         print(json.dumps(s))
     else:

@@ -1,0 +1,948 @@
+"""The source side of a migration as a sans-IO session: every decision, no I/O.
+
+`SourceSession` owns the sequence hello -> start/ready (resume) -> bulk pass -> dirty
+passes -> freeze -> complete/ack (handoff) -> end, the convergence rule, the bandwidth
+estimate (mark round trips), per-bitmap failures and retries with backoff. It owns the
+protocol `Connection` of each attempt: bytes from the peer go in, bytes to send come out
+inside actions. It is told the time (`now`, seconds on any monotonic clock) with every
+call and never reads a clock, a socket or a file; an adapter (bitmig.daemon.migration)
+carries out its actions.
+
+Every method returns a list of actions, to be carried out in order:
+
+- `Connect(at, attempt)`: open a connection at time `at`; then call `connected(now)` or
+  `connect_failed(now, exc)`.
+- `Send(buffers)`: write these bytes now, before yielding to anything that may mutate a
+  bitmap (payloads are views into the bitmaps).
+- `WantWrite()`: call `writable(now)` as soon as the transport can take more (at once if
+  its buffer is below the high-water mark, after a drain otherwise).
+- `SetTimer(at)`: call `timer(now)` at time `at` or later (one timer; the latest replaces).
+- `Compute(jobs)`: run these callables (worker threads are fine), then call `computed(now)`.
+- `Freeze(ids)`: run the before-freeze hooks, hold mutations of these bitmaps, then call
+  `frozen(now)`. `Unfreeze(ids)`: apply held mutations; they stay in the migration.
+  `HandOff(id, owner)`: the destination owns that bitmap now.
+- `Close()`: close the connection (after writing what was sent).
+- `Note(kind, fields)`: a trace event. `Progress(fields)`: a progress report.
+- `AttemptDone(result, retry_at)`: one attempt ended (retry_at None: no retry follows).
+- `Finished(result)`: the migration is over; bitmaps not handed off stay with the source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from bitmig import __version__
+from bitmig.core import defaults
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.core.digest import DigestCache
+from bitmig.core.planner import Frame, Planner
+from bitmig.core.units import parse_size
+from bitmig.protocol import spec
+from bitmig.protocol.connection import Connection, FrameObserver
+from bitmig.protocol.errors import RemoteProtocolError
+from bitmig.protocol.events import (
+    Ack,
+    BitmapFailed,
+    Complete,
+    End,
+    Error,
+    Event,
+    Hello,
+    Mark,
+    Ready,
+    Start,
+    Zeroes,
+)
+from bitmig.protocol.have import decode_have
+from bitmig.protocol.spec import ErrorCode, Role
+
+GATE_POLL = 0.05  # seconds between keep-alive marks while the freeze gate is closed
+PASS_BATCH_DIVISOR = 2  # a dirty pass hands out frame_payload / this raw bytes per write
+
+# -- options and results -------------------------------------------------------------------
+
+
+class OptionsError(ValueError):
+    """A migration option given by a user is out of range; the message names it."""
+
+
+@dataclass
+class MigrationOptions:
+    downtime_ms: float = defaults.DOWNTIME_MS
+    max_passes: int = defaults.MAX_PASSES
+    small_threshold: int = defaults.SMALL_THRESHOLD
+    frame_payload: int = defaults.FRAME_PAYLOAD
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    io_timeout: float = defaults.IO_TIMEOUT
+    ack_timeout: float = defaults.ACK_TIMEOUT
+    retries: int = 1  # attempts in all (the CLI's --retries); 1: no retry
+    retry_delay: float = defaults.RETRY_DELAY  # seconds before the first retry; doubles
+    wait_for_complete: bool = False  # freeze only once released (live QEMU sources)
+
+    def validate(self) -> MigrationOptions:
+        """Raise OptionsError unless every option is in range; returns self."""
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise OptionsError(f"{name!r} must be {what}, got {getattr(self, name)!r}")
+
+        # Upper bounds keep a typo from meaning "wait an hour" or "pass forever".
+        for name, hi in (("downtime_ms", 3_600_000), ("retry_delay", 86_400)):
+            v = getattr(self, name)
+            need(_is_number(v) and math.isfinite(v) and 0 <= v <= hi, name,
+                 f"a number in [0, {hi}]")
+        for name in ("connect_timeout", "io_timeout", "ack_timeout"):
+            v = getattr(self, name)
+            need(_is_number(v) and math.isfinite(v) and v > 0, name, "a number of seconds > 0")
+        for name, top in (("max_passes", 1_000_000), ("small_threshold", spec.MAX_U64),
+                          ("retries", 1000)):
+            v = getattr(self, name)
+            need(_is_int(v) and 0 <= v <= top, name, f"a whole number in [0, {top}]")
+        need(_is_int(self.frame_payload) and
+             spec.MIN_CHUNK_SIZE <= self.frame_payload <= spec.MAX_FRAME_PAYLOAD,
+             "frame_payload", f"between {spec.MIN_CHUNK_SIZE} and {spec.MAX_FRAME_PAYLOAD}")
+        need(isinstance(self.wait_for_complete, bool), "wait_for_complete", "true or false")
+        return self
+
+
+_SIZES = ("small_threshold", "frame_payload")  # may be given as "64K" and the like
+OPTION_NAMES = tuple(f.name for f in fields(MigrationOptions))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def build_options(values: Mapping[str, Any], base: MigrationOptions | None = None,
+                  ) -> MigrationOptions:
+    """The one way to build MigrationOptions from user input (CLI, control, demo).
+
+    `values` maps option names to values; None means "not given" (keep `base`'s value).
+    Sizes may be strings such as "64K"; ints are accepted where numbers are wanted.
+    Raises OptionsError naming the option at fault.
+    """
+    unknown = sorted(set(values) - set(OPTION_NAMES))
+    if unknown:
+        raise OptionsError(f"unknown migration option(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(OPTION_NAMES)}")
+    out = asdict(base or MigrationOptions())
+    for name, v in values.items():
+        if v is None:
+            continue
+        if name in _SIZES and isinstance(v, str):
+            try:
+                v = parse_size(v)
+            except ValueError as e:
+                raise OptionsError(f"{name!r}: {e}") from None
+        out[name] = v
+    return MigrationOptions(**out).validate()
+
+
+@dataclass
+class BitmapOutcome:
+    node: str
+    name: str
+    ok: bool
+    live: bool
+    error: str | None = None
+    count: int = 0
+    digest: str = ""  # tree digest sent in complete (hex)
+    sha256: str = ""  # QEMU-compatible flat sha256 of the handed-off bitmap (hex)
+    serialized_size: int = 0
+    resumed_chunks: int = 0  # chunks the destination already held from an earlier attempt
+
+
+@dataclass
+class MigrationResult:
+    ok: bool
+    destination: str
+    attempt: int = 1  # which attempt this is (1 = the first)
+    bitmaps: list[BitmapOutcome] = field(default_factory=list)
+    passes: int = 0
+    forced: bool = False  # completion forced by max_passes
+    bytes_sent: int = 0
+    bytes_live: int = 0  # bytes sent before the freeze
+    frames: dict[str, int] = field(default_factory=dict)  # every frame sent, by kind
+    zero_runs: int = 0
+    chunks_sent: int = 0
+    downtime_ms: float = 0.0
+    duration_s: float = 0.0
+    bitmap_bytes: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class OutgoingBitmap:
+    """A bitmap to migrate, as the session sees it: no ownership, only what goes out."""
+
+    node: str
+    name: str
+    bitmap: DirtyBitmap
+    token: bytes  # one per bitmap until it is handed off: retries present the same one
+    enabled: bool = True
+    persistent: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}/{self.name}"
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    at: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    buffers: list[bytes | memoryview]
+
+
+@dataclass(frozen=True, slots=True)
+class WantWrite:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Compute:
+    jobs: list[Callable[[], Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Freeze:
+    ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Unfreeze:
+    ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    id: int
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    kind: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptDone:
+    result: MigrationResult
+    retry_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    result: MigrationResult
+
+
+Action = (Connect | Send | WantWrite | SetTimer | Compute | Freeze | Unfreeze | HandOff
+          | Close | Note | Progress | AttemptDone | Finished)
+
+
+# -- the session ---------------------------------------------------------------------------
+
+
+class Step(Enum):
+    IDLE = "idle"  # before the first attempt, or waiting to reconnect
+    CONNECTING = "connecting"
+    HELLO = "hello"  # hello sent, the destination's due
+    READY = "ready"  # starts sent, readies due
+    BULK = "bulk"  # streaming every chunk once
+    SYNC = "sync"  # mark sent, its echo due
+    PASS = "pass"  # streaming a dirty pass
+    REFRESH = "refresh"  # digest leaves being rehashed (Compute)
+    GATE = "gate"  # converged, waiting for the freeze gate to open
+    FREEZING = "freezing"  # Freeze asked, frozen() due
+    DRAINING = "draining"  # final chunks and completes written, waiting for drain
+    ACKS = "acks"  # acks due
+    ENDING = "ending"  # end sent, the destination's due
+    DONE = "done"
+
+
+class _AttemptFailed(Exception):
+    """Ends the current attempt; the message becomes MigrationResult.error."""
+
+
+class BitmapSend:
+    """One bitmap in one attempt: its planner, digest leaves and what was sent."""
+
+    def __init__(self, bid: int, out: OutgoingBitmap, opts: MigrationOptions) -> None:
+        bm = out.bitmap
+        self.id = bid
+        self.out = out
+        self.planner = Planner(bm, bid, opts.frame_payload)
+        self.live = bm.serialized_size > opts.small_threshold
+        self.digests = DigestCache(bm)
+        self.outcome = BitmapOutcome(out.node, out.name, False, self.live,
+                                     serialized_size=bm.serialized_size)
+        self.active = True  # not failed (yet) in this attempt
+        self.resumed = False
+        # Chunks the destination may hold an older version of: sent before (in this attempt
+        # or, per `have`, an earlier one) and sent again since the destination last
+        # confirmed it applied everything (a mark echo). If the attempt fails they count as
+        # dirty again: `have` says the destination holds the chunk, not which version. A
+        # chunk sent only once needs no such care: if that frame was lost, `have` lacks it.
+        self.sent = np.zeros(bm.nchunks, dtype=bool)
+        self.unconfirmed = np.zeros(bm.nchunks, dtype=bool)
+
+
+class SourceSession:
+    """Migrates `bitmaps` to `destination` (a name for reports: "HOST:PORT")."""
+
+    def __init__(
+        self,
+        bitmaps: list[OutgoingBitmap],
+        destination: str,
+        opts: MigrationOptions | None = None,
+        *,
+        observer: FrameObserver | None = None,
+        explain_early_failure: Callable[[Exception], Exception] | None = None,
+    ) -> None:
+        self.opts = opts or MigrationOptions()
+        self.bitmaps = bitmaps
+        self.destination = destination
+        self.observer = observer
+        # Turns a failure before the destination's hello into a clearer error (TLS).
+        self.explain = explain_early_failure or (lambda e: e)
+        self.step = Step.IDLE
+        self.phase = "setup"  # for reports: setup, bulk, dirty, completion, done
+        self.attempt = 0
+        self.pass_no = 0
+        self.gate_open = not self.opts.wait_for_complete
+        self.conn: Connection | None = None
+        self.items: list[BitmapSend] = []
+        self.result = MigrationResult(False, destination)
+        self.final: dict[int, BitmapOutcome] = {}  # outcome of every bitmap, latest attempt
+        self.finished = False
+        self._delay = self.opts.retry_delay
+        self._t0 = 0.0  # start of the attempt
+        self._deadline: float | None = None
+        self._waiting = ""
+        self._seq = 0
+        self._sync_t = 0.0
+        self._sync_bytes = 0
+        self._bw = 0.0
+        self._after_sync: Callable[[float], list[Action]] | None = None
+        self._after_compute: Callable[[float], list[Action]] | None = None
+        self._bulk: Iterator[tuple[BitmapSend, list[Frame]]] | None = None
+        self._plan: list[tuple[BitmapSend, int, int]] = []
+        self._plan_pos = 0
+        self._waiting_ids: set[int] = set()
+        self._frozen_at = 0.0
+        self._frozen_ids: list[int] = []
+        self._keepalive = False
+        self._released = False  # the gate was opened by a call: freeze at the next chance
+        self._limit = 0.0
+        self._no_retry = False
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Begin: the first attempt connects at once."""
+        if not self.bitmaps:
+            raise ValueError("no bitmaps to migrate")
+        self.attempt = 1
+        self.step = Step.CONNECTING
+        return [Note("migration", {"destination": self.destination,
+                                   "bitmaps": [b.key for b in self.bitmaps]}),
+                Connect(now, 1)]
+
+    def connected(self, now: float) -> list[Action]:
+        """The connection of the current attempt is open (TLS done, if any)."""
+        if self.step is not Step.CONNECTING:
+            return []
+        self._begin_attempt(now)
+        self.conn = Connection(Role.SOURCE, observer=self.observer)
+        out = self._send([Hello(spec.PROTOCOL_VERSION, spec.MIN_PROTOCOL_VERSION,
+                                Role.SOURCE, spec.CAPABILITIES, f"bitmig/{__version__}")])
+        self.step = Step.HELLO
+        return self._guard(now, lambda: [out, *self._wait(now, "the destination's hello",
+                                                          self.opts.connect_timeout)])
+
+    def connect_failed(self, now: float, exc: Exception) -> list[Action]:
+        if self.step is not Step.CONNECTING:
+            return []
+        self._begin_attempt(now)
+        return self._end_attempt(now, self._describe(exc))
+
+    def receive_data(self, now: float, data: bytes | bytearray | memoryview) -> list[Action]:
+        """Bytes from the destination."""
+        if self.conn is None or self.step in (Step.IDLE, Step.CONNECTING, Step.DONE):
+            return []
+        return self._guard(now, lambda: self._receive(now, data))
+
+    def eof(self, now: float) -> list[Action]:
+        """The destination closed its side."""
+        if self.conn is None or self.step in (Step.IDLE, Step.CONNECTING, Step.DONE):
+            return []
+        return self._guard(now, lambda: self._eof(now))
+
+    def connection_lost(self, now: float, exc: Exception) -> list[Action]:
+        """The transport failed (reset, TLS error...)."""
+        if self.conn is None or self.step in (Step.IDLE, Step.CONNECTING, Step.DONE):
+            return []
+        early = self.step is Step.HELLO
+        return self._end_attempt(now, self._describe(self.explain(exc) if early else exc))
+
+    def writable(self, now: float) -> list[Action]:
+        """The transport can take more (answer to WantWrite)."""
+        return self._guard(now, lambda: self._writable(now))
+
+    def computed(self, now: float) -> list[Action]:
+        """The jobs of the last Compute are done."""
+        if self.step is not Step.REFRESH or self._after_compute is None:
+            return []
+        then, self._after_compute = self._after_compute, None
+        return self._guard(now, lambda: then(now))
+
+    def frozen(self, now: float) -> list[Action]:
+        """The bitmaps named by Freeze are frozen: mutations wait."""
+        if self.step is not Step.FREEZING:
+            return []
+        return self._guard(now, lambda: self._complete(now))
+
+    def timer(self, now: float) -> list[Action]:
+        if self.step is Step.IDLE and self._deadline is not None and not self.finished:
+            if now < self._deadline:
+                return [SetTimer(self._deadline)]
+            self._deadline = None  # backoff over
+            self.step = Step.CONNECTING
+            return [Note("migration", {"destination": self.destination, "attempt": self.attempt,
+                                       "bitmaps": [b.key for b in self.bitmaps
+                                                   if not self.final[id(b)].ok]}),
+                    Connect(now, self.attempt)]
+        if self.step is Step.GATE and self._deadline is not None:
+            if now < self._deadline:
+                return [SetTimer(self._deadline)]
+            self._deadline = None
+            return self._guard(now, lambda: self._sync(now, self._after_keepalive,
+                                                       keepalive=True))
+        if self._deadline is None or self.conn is None:
+            return []
+        if now < self._deadline:
+            return [SetTimer(self._deadline)]
+        return self._end_attempt(now, f"Timeout: timed out after {self._limit:g}s waiting "
+                                      f"for {self._waiting}")
+
+    def open_gate(self, now: float) -> list[Action]:
+        """Freezing is allowed from now on (control `complete`, Daemon.release_freeze)."""
+        if self.gate_open:
+            return []
+        self.gate_open = True
+        self._released = True
+        if self.step is Step.GATE:
+            self._deadline = None
+            return self._guard(now, lambda: self._freeze(now))
+        return []  # the next decision point freezes
+
+    def abort(self, now: float, why: str = "the migration was stopped") -> list[Action]:
+        """Stop now (the adapter was cancelled): end the attempt as failed, no retry. What
+        was not acknowledged stays the source's, with unconfirmed chunks dirty again."""
+        if self.finished:
+            return []
+        self._no_retry = True
+        if self.step in (Step.IDLE, Step.CONNECTING):  # no connection open: nothing begun
+            self._begin_attempt(now)
+        return self._end_attempt(now, why)
+
+    def bitmap_failed(self, now: float, ev: BitmapFailed) -> list[Action]:
+        """This bitmap failed locally (connection check, delivery...): report and go on."""
+        return self._guard(now, lambda: self._fail_local(now, ev.id, ev.code, ev.message))
+
+    # -- views ----------------------------------------------------------------------------
+
+    @property
+    def greeted(self) -> bool:
+        return self.step not in (Step.IDLE, Step.CONNECTING, Step.HELLO)
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    def pending_bytes(self) -> int:
+        return sum(it.planner.pending_bytes() for it in self.items if it.active and it.live)
+
+    def progress(self, now: float, **extra: Any) -> Progress:
+        return Progress({"phase": self.phase, "pass": self.pass_no,
+                         "bytes_sent": self.conn.bytes_sent if self.conn else 0,
+                         "pending_bytes": self.pending_bytes(),
+                         "elapsed_s": now - self._t0, **extra})
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _guard(self, now: float, fn: Callable[[], list[Action]]) -> list[Action]:
+        """Run a step; a protocol fault or failed wait ends the attempt instead."""
+        try:
+            return fn()
+        except RemoteProtocolError as e:
+            # The destination broke the protocol: tell it (best effort), then give up.
+            out: list[Action] = []
+            if self.conn is not None:
+                out.append(Send(self.conn.error_frame(e)))
+            why = self.explain(e) if self.step is Step.HELLO else e
+            return out + self._end_attempt(now, self._describe(why))
+        except _AttemptFailed as e:
+            return self._end_attempt(now, str(e))
+
+    @staticmethod
+    def _describe(e: Exception) -> str:
+        return f"{type(e).__name__}: {e}"
+
+    def _send(self, events: list[Event]) -> Send:
+        assert self.conn is not None
+        bufs: list[bytes | memoryview] = []
+        for ev in events:
+            bufs.extend(self.conn.send(ev))
+        return Send(bufs)
+
+    def _wait(self, now: float, what: str, limit: float) -> list[Action]:
+        self._waiting, self._limit = what, limit
+        self._deadline = now + limit
+        return [SetTimer(self._deadline)]
+
+    def _set_phase(self, now: float, phase: str, **extra: Any) -> list[Action]:
+        self.phase = phase
+        return [Note("phase", {"phase": phase, **extra}), self.progress(now, **extra)]
+
+    def _write(self, frames: list[Frame]) -> Send:
+        """Frames of chunks: account what may now be older at the destination."""
+        assert self.conn is not None
+        bufs: list[bytes | memoryview] = []
+        for f in frames:
+            it = self.items[f.id]
+            span = slice(f.first, f.first + f.count)
+            it.unconfirmed[span] |= it.sent[span]
+            it.sent[span] = True
+            bufs.extend(self.conn.send(f))
+            self.result.chunks_sent += f.count
+            if type(f) is Zeroes:
+                self.result.zero_runs += 1
+        return Send(bufs)
+
+    # -- an attempt -----------------------------------------------------------------------
+
+    def _begin_attempt(self, now: float) -> None:
+        todo = [b for b in self.bitmaps if not (self.final.get(id(b)) and
+                                                self.final[id(b)].ok)]
+        self.items = [BitmapSend(i, b, self.opts) for i, b in enumerate(todo)]
+        self.result = MigrationResult(False, self.destination, self.attempt,
+                                      bitmap_bytes=sum(b.bitmap.serialized_size for b in todo))
+        self.pass_no = 0
+        self.phase = "setup"
+        self._t0 = now
+        self._bw = 0.0
+        self._seq = 0
+
+    def _receive(self, now: float, data: bytes | bytearray | memoryview) -> list[Action]:
+        assert self.conn is not None
+        out: list[Action] = []
+        # A fault in one bitmap's frame arrives as a BitmapFailed event, in order.
+        for ev in self.conn.receive_data(data):
+            out += self._on_event(now, ev)
+            if self.step is Step.IDLE or self.step is Step.DONE:
+                break  # the attempt ended
+        return out
+
+    def _eof(self, now: float) -> list[Action]:
+        assert self.conn is not None
+        self.conn.receive_eof()  # raises unless both ends said end
+        return []
+
+    def _on_event(self, now: float, ev: Any) -> list[Action]:
+        t = type(ev)
+        if t is Error:
+            return self._on_error(now, ev)
+        if t is BitmapFailed:
+            return self._fail_local(now, ev.id, ev.code, ev.message)
+        if t is Hello and self.step is Step.HELLO:
+            return self._on_hello(now)
+        if t is Ready and self.step is Step.READY and ev.id in self._waiting_ids:
+            return self._on_ready(now, ev)
+        if t is Mark and self.step is Step.SYNC and ev.seq == self._seq:
+            return self._on_mark(now)
+        if t is Ack and self.step in (Step.DRAINING, Step.ACKS) and ev.id in self._waiting_ids:
+            return self._on_ack(now, ev)
+        if t is End and self.step is Step.ENDING:
+            return self._on_end(now)
+        return []  # e.g. an old mark echo
+
+    def _on_error(self, now: float, ev: Error) -> list[Action]:
+        why = f"{ev.code}: {ev.message}"
+        it = self.items[ev.id] if ev.id is not None and ev.id < len(self.items) else None
+        if it is None or not it.active:
+            where = f" (bitmap id {ev.id})" if ev.id is not None else ""
+            raise _AttemptFailed(f"PeerError: peer reported {ev.code}{where}: {ev.message}")
+        return self._fail_item(now, it, why)
+
+    def _fail_local(self, now: float, bid: int, code: str, message: str,
+                    reported: bool = False) -> list[Action]:
+        it = self.items[bid] if 0 <= bid < len(self.items) else None
+        if it is None or not it.active:
+            return []
+        out: list[Action] = []
+        if not reported and self.conn is not None:
+            try:
+                err = RemoteProtocolError(ErrorCode(code), message, bid)
+            except ValueError:  # not a protocol code: report it as this side giving up
+                err = RemoteProtocolError(ErrorCode.ABORTED, f"{code}: {message}", bid)
+            out.append(Send(self.conn.error_frame(err)))
+        return out + self._fail_item(now, it, f"{code}: {message}")
+
+    def _fail_item(self, now: float, it: BitmapSend, why: str) -> list[Action]:
+        it.active = False
+        it.outcome.error = why
+        out: list[Action] = [Note("bitmap_failed", {"bitmap": it.out.key, "error": why})]
+        if self.step in (Step.DRAINING, Step.ACKS):  # frozen: its held mutations apply
+            out.append(Unfreeze([it.id]))
+        self._waiting_ids.discard(it.id)
+        if self.step is Step.READY and not self._waiting_ids:
+            out += self._all_ready(now)
+        elif self.step in (Step.DRAINING, Step.ACKS) and not self._waiting_ids:
+            out += self._all_acked(now)
+        return out
+
+    def _on_hello(self, now: float) -> list[Action]:
+        starts = [Start(it.id, it.out.node, it.out.name, it.out.bitmap.disk_size,
+                        it.out.bitmap.granularity, it.out.bitmap.chunk_size, it.out.enabled,
+                        it.out.persistent, it.live, it.out.token) for it in self.items]
+        self.step = Step.READY
+        self._waiting_ids = {it.id for it in self.items}
+        return [self._send(list(starts)),
+                *self._wait(now, "ready for the started bitmaps", self.opts.io_timeout)]
+
+    def _on_ready(self, now: float, ev: Ready) -> list[Action]:
+        it = self.items[ev.id]
+        self._waiting_ids.discard(it.id)
+        out: list[Action] = []
+        if ev.have is not None and it.live:
+            try:
+                out.append(self._resume(it, ev))
+            except RemoteProtocolError as e:  # a mask that does not decode: that bitmap
+                assert self.conn is not None
+                out.append(Send(self.conn.error_frame(e)))
+                return out + self._fail_item(now, it, f"{e.code}: {e.message}")
+        if not self._waiting_ids:
+            out += self._all_ready(now)
+        return out
+
+    def _resume(self, it: BitmapSend, ready: Ready) -> Note:
+        """The destination kept chunks from an earlier attempt: send only what it lacks
+        and what changed here since (the meta bitmap remembers that across attempts)."""
+        bm = it.out.bitmap
+        have = decode_have(ready.have_enc or 0, ready.have, bm.nchunks, it.id)
+        bm.meta.flags |= ~have
+        it.sent |= have  # a resend of these may leave the destination with an older version
+        it.resumed = True
+        it.outcome.resumed_chunks = int(np.count_nonzero(have))
+        return Note("resume", {"bitmap": it.out.key, "held_chunks": it.outcome.resumed_chunks,
+                               "to_send": bm.meta.count()})
+
+    def _all_ready(self, now: float) -> list[Action]:
+        if not any(it.active for it in self.items):
+            raise _AttemptFailed("ValueError: the destination refused every bitmap")
+        live = self._live()
+        if not live:
+            return self._decide(now)
+        assert self.conn is not None
+        self._sync_t, self._sync_bytes = now, self.conn.bytes_sent
+        self.step = Step.BULK
+        self._bulk = self._bulk_windows([it for it in live if not it.resumed])
+        # A resumed bitmap's meta bitmap already names every chunk still to send.
+        return [*self._set_phase(now, "bulk"), *self._want_write(now)]
+
+    def _live(self) -> list[BitmapSend]:
+        return [it for it in self.items if it.active and it.live]
+
+    def _want_write(self, now: float,
+                    what: str = "the destination to take more data") -> list[Action]:
+        return [WantWrite(), *self._wait(now, what, self.opts.io_timeout)]
+
+    @staticmethod
+    def _bulk_windows(items: list[BitmapSend]) -> Iterator[tuple[BitmapSend, list[Frame]]]:
+        for it in items:
+            for frames in it.planner.bulk():
+                yield it, frames
+
+    def _writable(self, now: float) -> list[Action]:
+        if self.step is Step.BULK:
+            return self._bulk_step(now)
+        if self.step is Step.PASS:
+            return self._pass_step(now)
+        if self.step is Step.DRAINING:
+            self.step = Step.ACKS
+            return self._wait(now, "acknowledgements", self.opts.ack_timeout)
+        return []
+
+    def _bulk_step(self, now: float) -> list[Action]:
+        assert self._bulk is not None
+        for it, frames in self._bulk:
+            if not it.active:
+                continue
+            out = self._write(frames)
+            # Hash what was just sent while it is in cache; the destination is slower
+            # than this side, so the time is otherwise spent waiting for drain.
+            cw = it.out.bitmap.chunk_words
+            it.digests.refresh(frames[0].first * cw, (frames[-1].first + frames[-1].count) * cw)
+            return [out, self.progress(now), *self._want_write(now)]
+        self._bulk = None
+        return self._refresh(now, self._after_bulk)
+
+    def _refresh(self, now: float, then: Callable[[float], list[Action]]) -> list[Action]:
+        """Bring digest leaves up to date off the session's thread (so the frozen window
+        rehashes only the last changes), then go on with `then`."""
+        self.step = Step.REFRESH
+        self._deadline = None
+        self._after_compute = then
+        return [Compute([it.digests.refresh for it in self._live()])]
+
+    def _after_bulk(self, now: float) -> list[Action]:
+        def dirty(now: float) -> list[Action]:
+            # The bulk rate (large frames) overstates how fast scattered dirty chunks
+            # move, so the first estimate comes from a dirty pass: until then, any pending
+            # byte counts.
+            self._bw = 0.0
+            return [*self._set_phase(now, "dirty"), *self._decide(now)]
+        return self._sync(now, dirty)
+
+    def _sync(self, now: float, then: Callable[[float], list[Action]],
+              keepalive: bool = False) -> list[Action]:
+        """Send a mark; once echoed the destination has applied everything sent so far."""
+        self._seq += 1
+        self.step = Step.SYNC
+        self._after_sync = then
+        self._keepalive = keepalive
+        return [self._send([Mark(self._seq)]),
+                *self._wait(now, "the destination to catch up (mark echo)",
+                            self.opts.io_timeout)]
+
+    def _on_mark(self, now: float) -> list[Action]:
+        assert self.conn is not None and self._after_sync is not None
+        for it in self.items:
+            it.unconfirmed[:] = False
+        sent = self.conn.bytes_sent
+        if not self._keepalive:
+            # Bytes per second since the previous sync, end to end (bytes merely queued
+            # in socket buffers do not count as sent).
+            self._bw = (sent - self._sync_bytes) / max(now - self._sync_t, 1e-6)
+        self._sync_t, self._sync_bytes = now, sent
+        self._deadline = None
+        then, self._after_sync = self._after_sync, None
+        return then(now)
+
+    # -- the convergence rule -------------------------------------------------------------
+
+    def _decide(self, now: float) -> list[Action]:
+        """After a sync: another dirty pass, or the freeze."""
+        if self._released:
+            return self._freeze(now)  # released by hand: freeze now
+        pending = self.pending_bytes()
+        small = sum(it.out.bitmap.serialized_size for it in self.items
+                    if it.active and not it.live)
+        total = pending + small
+        # Nothing dirty (only the small bitmaps are left), or the rest fits the target
+        # at the bandwidth the last dirty pass achieved.
+        converged = pending == 0 or (
+            self._bw > 0 and total / self._bw <= self.opts.downtime_ms / 1000)
+        forced = not converged and self.pass_no >= self.opts.max_passes
+        if self.gate_open:
+            if forced:
+                self.result.forced = True
+                return [Note("forced", {"passes": self.pass_no, "pending_bytes": total}),
+                        *self._freeze(now)]
+            if converged:
+                return self._freeze(now)
+            return self._dirty_pass(now, total)
+        # Gate closed (live QEMU source): keep passing while anything is dirty; when
+        # nothing is, mark now and then to keep the connection alive, until released.
+        if pending > 0:
+            return self._dirty_pass(now, pending)
+        self.step = Step.GATE
+        self._deadline = now + GATE_POLL
+        return [SetTimer(self._deadline)]
+
+    def _after_keepalive(self, now: float) -> list[Action]:
+        if self.gate_open:
+            return self._freeze(now)
+        return [self.progress(now), *self._decide(now)]
+
+    def _dirty_pass(self, now: float, pending: int) -> list[Action]:
+        self.pass_no += 1
+        self._plan = [(it, first, count) for it in self._live()
+                      for first, count in it.planner.dirty_runs()]
+        self._plan_pos = 0
+        self.step = Step.PASS
+        return [Note("pass", {"n": self.pass_no, "pending_bytes": pending,
+                              "chunks": len(self._plan), "bandwidth": self._bw}),
+                *self._pass_step(now)]
+
+    def _pass_step(self, now: float) -> list[Action]:
+        # Runs are handed out in batches of about half a frame payload, so the adapter
+        # checks its write buffer often enough to keep it bounded.
+        budget = max(1, self.opts.frame_payload // PASS_BATCH_DIVISOR)
+        bufs: list[bytes | memoryview] = []
+        size = 0
+        while self._plan_pos < len(self._plan) and size < budget:
+            it, first, count = self._plan[self._plan_pos]
+            self._plan_pos += 1
+            if not it.active:
+                continue
+            bufs.extend(self._write(it.planner.take(first, count)).buffers)
+            size += count * it.out.bitmap.chunk_size
+        if bufs:
+            return [Send(bufs), *self._want_write(now)]
+        self._plan = []
+
+        def synced(now: float) -> list[Action]:
+            return [self.progress(now), *self._decide(now)]
+        return self._refresh(now, lambda now: self._sync(now, synced))
+
+    # -- completion -----------------------------------------------------------------------
+
+    def _freeze(self, now: float) -> list[Action]:
+        self.step = Step.FREEZING
+        self._deadline = None
+        self._frozen_ids = [it.id for it in self.items if it.active]
+        return [Freeze(list(self._frozen_ids))]
+
+    def _complete(self, now: float) -> list[Action]:
+        assert self.conn is not None
+        active = [it for it in self.items if it.active]
+        self.result.bytes_live = self.conn.bytes_sent
+        self._frozen_at = now
+        out: list[Action] = []
+        gone = [i for i in self._frozen_ids if not self.items[i].active]
+        if gone:  # failed while the freeze was being set up: their mutations apply
+            out.append(Unfreeze(gone))
+        out += self._set_phase(now, "completion", pending_bytes=self.pending_bytes())
+        for it in active:
+            frames = it.planner.take_dirty() if it.live else it.planner.take_all()
+            out.append(self._write(frames))
+            bm = it.out.bitmap
+            digest = it.digests.digest()
+            it.outcome.count = bm.count()
+            it.outcome.digest = digest.hex()
+            out.append(self._send([Complete(it.id, digest, it.outcome.count)]))
+        self._waiting_ids = {it.id for it in active}
+        self.step = Step.DRAINING
+        return out + self._want_write(now, "the destination to take the final chunks")
+
+    def _on_ack(self, now: float, ev: Ack) -> list[Action]:
+        it = self.items[ev.id]
+        if ev.digest.hex() != it.outcome.digest:
+            out: list[Action] = [self._send([Error(ErrorCode.DIGEST_MISMATCH,
+                                                   "ack digest differs from the one sent",
+                                                   it.id)])]
+            return out + self._fail_item(now, it, "destination acknowledged a different digest")
+        # The acknowledgement is the handoff: from here the destination owns it.
+        it.outcome.ok = True
+        self._waiting_ids.discard(it.id)
+        out = [HandOff(it.id, self.destination),
+               Note("handoff", {"bitmap": it.out.key, "owner": self.destination})]
+        if not self._waiting_ids:
+            out += self._all_acked(now)
+        return out
+
+    def _all_acked(self, now: float) -> list[Action]:
+        self.result.downtime_ms = (now - self._frozen_at) * 1000
+        self.step = Step.ENDING
+        return [*self._set_phase(now, "done", downtime_ms=self.result.downtime_ms),
+                self._send([End()]),
+                *self._wait(now, "the destination's end", self.opts.io_timeout)]
+
+    def _on_end(self, now: float) -> list[Action]:
+        self.result.ok = all(it.outcome.ok for it in self.items)
+        return self._end_attempt(now, None)
+
+    def _end_attempt(self, now: float, error: str | None) -> list[Action]:
+        """Close the attempt: whatever was not acknowledged stays the source's, intact."""
+        r = self.result
+        if error is not None:
+            r.ok = False
+            r.error = error
+        out: list[Action] = []
+        # FREEZING too: the adapter may be about to freeze; it checks the step first.
+        frozen = self.step in (Step.FREEZING, Step.DRAINING, Step.ACKS)
+        thaw = []
+        for it in self.items:
+            bm = it.out.bitmap
+            bm.remove_tracker(it.digests.stale)  # one per attempt otherwise
+            if not it.outcome.ok:
+                bm.meta.flags |= it.unconfirmed
+                if frozen and it.active:
+                    thaw.append(it.id)
+                if it.outcome.error is None:
+                    it.outcome.error = r.error or "not acknowledged"
+            self.final[id(it.out)] = it.outcome
+        if thaw:
+            out.append(Unfreeze(thaw))
+        if self.conn is not None:
+            r.bytes_sent = self.conn.bytes_sent
+            r.frames = dict(self.conn.frames_sent)
+        r.bitmaps = [it.outcome for it in self.items]
+        r.passes = self.pass_no
+        r.duration_s = now - self._t0
+        out.append(Close())
+        self.conn = None
+        self._deadline = None
+        self._after_sync = self._after_compute = None
+        self._bulk = None
+        self._plan = []
+        left = [b for b in self.bitmaps if not self.final[id(b)].ok]
+        if r.ok or not left or self._no_retry or self.attempt >= max(1, self.opts.retries):
+            self.step = Step.DONE
+            self.phase = "done" if r.ok else self.phase
+            self.finished = True
+            return [*out, AttemptDone(r, None), Finished(self._summary(r))]
+        retry_at = now + self._delay
+        self._delay *= 2
+        self.attempt += 1
+        self.step = Step.IDLE
+        self._deadline = retry_at
+        return [*out, AttemptDone(r, retry_at), SetTimer(retry_at)]
+
+    def _summary(self, last: MigrationResult) -> MigrationResult:
+        """The last attempt's result, listing every bitmap: those handed off in an earlier
+        attempt keep that attempt's outcome."""
+        if last.attempt == 1:
+            return last
+        merged = MigrationResult(**{f.name: getattr(last, f.name) for f in fields(last)})
+        merged.bitmaps = [self.final[id(b)] for b in self.bitmaps]
+        merged.bitmap_bytes = sum(b.bitmap.serialized_size for b in self.bitmaps)
+        merged.ok = all(o.ok for o in merged.bitmaps)
+        return merged
