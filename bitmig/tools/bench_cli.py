@@ -54,6 +54,11 @@ def add_bench_parser(sub: Any, formatter: Any) -> None:
     b.add_argument("--disk-dir", default="/var/tmp", metavar="DIR",
                    help="where the *_disk scenarios store the destination's state: a "
                    "directory on the disk to measure (default /var/tmp)")
+    b.add_argument("--max-passes", type=int, default=0, metavar="N",
+                   help="cap the dirty passes of the runs under a workload (downtime, "
+                   "thousand_bitmaps) at N (default: the daemon's, 30). On an overloaded "
+                   "machine the dirty loop cannot converge at 10,000 writes/s and each run "
+                   "takes its 30 passes; `forced` in the output says when the cap ended it")
     b.add_argument("--sizes", type=_sizes, default=None, metavar="S1,S2,...",
                    help="bitmap sizes of the scale scenario, e.g. 4M,32M,256M,1G,2G")
     b.set_defaults(func=cmd_bench)
@@ -145,10 +150,11 @@ def render(out: dict[str, Any]) -> str:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from bitmig.tools.benchmarks.common import DISK_DIR
-    from bitmig.tools.benchmarks.scenarios import SCENARIOS
+    from bitmig.tools.benchmarks.scenarios import LIVE, SCENARIOS
 
     names = a.scenario or list(SCENARIOS)
     DISK_DIR["path"] = a.disk_dir
+    LIVE["max_passes"] = a.max_passes
     log = None if a.json else (lambda s: print(s, file=sys.stderr, flush=True))
     warm = a.warm_memory[0] if a.warm_memory else (0 if a.quick else 8 << 30)
     out = asyncio.run(run_bench(names, a.quick, a.sizes, log, warm))

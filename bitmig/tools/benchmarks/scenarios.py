@@ -41,6 +41,11 @@ NEVER_LIVE = 1 << 62  # small_threshold that sends every bitmap whole in the fro
 # --quick caps the dirty passes so that a smoke test on an overloaded machine (where the
 # dirty loop cannot converge at 10,000 writes/s) ends in seconds; `forced` tells.
 QUICK_PASSES = 4
+LIVE = {"max_passes": 0}  # `bitmig bench --max-passes`: 0 keeps the daemon's default (30)
+
+
+def _passes(quick: bool) -> int | None:
+    return QUICK_PASSES if quick else (LIVE["max_passes"] or None)
 INSTALL_BENCH = "pip install 'bitmig[bench]'"
 
 
@@ -152,7 +157,7 @@ async def _downtime_row(size: int, where: str, quick: bool) -> dict[str, Any]:
     # Only the live run is traced (for the destination's side of its frozen window): the
     # trace's CRC-32 of every payload would lengthen stop-and-copy's window, not bitmig's.
     live = await migrate_once(DirtyBitmap(disk, GRAN, 1024, words=words0.copy()),
-                              MigrationOptions(max_passes=QUICK_PASSES) if quick else None,
+                              MigrationOptions(max_passes=p) if (p := _passes(quick)) else None,
                               write_rate=rate, where=where, trace=True)
     snc = await migrate_once(DirtyBitmap(disk, GRAN, 1024, words=words0),
                              MigrationOptions(small_threshold=NEVER_LIVE), write_rate=rate,
@@ -228,7 +233,7 @@ async def thousand_bitmaps(quick: bool, where: str = "tmpfs") -> dict[str, Any]:
     rate = 10_000.0
     total = count * SMALL
     ref_size = -(-total // MiB) * MiB if quick else 128 * MiB
-    passes = QUICK_PASSES if quick else None
+    passes = _passes(quick)
     many = await _child_run(SMALL, count, rate, where, trace=True, max_passes=passes)
     one = await _child_run(ref_size, 1, rate, where, max_passes=passes)
     limit_rss = 1.5 * total + 64 * MiB
