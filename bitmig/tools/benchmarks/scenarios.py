@@ -181,7 +181,7 @@ async def _downtime_row(size: int, where: str, quick: bool) -> dict[str, Any]:
             "duration_s": round(live["duration_s"], 3),
             "stop_and_copy_s": round(snc["duration_s"], 3),
             "digests_equal": bool(live["digests_equal"] and snc["digests_equal"]),
-            "ok": ok, "met": bool(met)}
+            "ok": ok, "met": bool(met), "error": live["error"] or snc["error"]}
 
 
 async def downtime(quick: bool, where: str = "tmpfs") -> dict[str, Any]:
