@@ -259,7 +259,7 @@ async def thousand_bitmaps(quick: bool, where: str = "tmpfs") -> dict[str, Any]:
         "dest_store_ms": many["freeze"].get("dest_store_ms"),
         "source_peak_rss": many["hwm"], "dest_peak_rss": many["dest_hwm"],
         "limit_rss": int(limit_rss), "digests_equal": bool(many["digests_equal"]),
-        "ok": ok,
+        "ok": ok, "error": many["error"] or one["error"],
     }
 
 
