@@ -26,8 +26,9 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
 
     base = proc_status()
     from bitmig.daemon.migration import MigrationOptions
+    from bitmig.protocol.spec import Role
 
-    src = Daemon("source", options=MigrationOptions(
+    src = Daemon(Role.SOURCE, options=MigrationOptions(
         **({"max_passes": a.max_passes} if a.max_passes else {})))
     if a.count == 1:
         bm = bitmap_of(a.size, a.p)

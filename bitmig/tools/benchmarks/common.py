@@ -22,6 +22,7 @@ import numpy as np
 from bitmig.core.bitmap import DirtyBitmap
 from bitmig.daemon.control import acall
 from bitmig.daemon.registry import RegistryError
+from bitmig.protocol.geometry import bit_count
 from bitmig.tools.demo import start_dest
 
 MiB = 1 << 20
@@ -126,7 +127,7 @@ def bitmap_of(nbytes: int, p: float, granularity: int = GRAN, seed: int = 1,
     bits) with bits set at probability p; bits past the end of the disk are cleared."""
     disk = disk_size or nbytes * 8 * granularity
     words = random_words(nbytes, p, seed)
-    nbits = -(-disk // granularity)
+    nbits = bit_count(disk, granularity)
     if nbits % 64:
         words[-1] &= np.uint64((1 << (nbits % 64)) - 1)
     return DirtyBitmap(disk, granularity, chunk_size, words=words)

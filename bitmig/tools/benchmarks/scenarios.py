@@ -20,6 +20,7 @@ from bitmig.core.planner import Planner
 from bitmig.daemon.migration import MigrationOptions, MigrationResult
 from bitmig.daemon.service import Daemon
 from bitmig.protocol import codec, encodings
+from bitmig.protocol.spec import Role
 from bitmig.tools.benchmarks.common import (
     GB,
     GRAN,
@@ -62,7 +63,7 @@ async def migrate_once(bm: DirtyBitmap, opts: MigrationOptions | None = None,
         if via is not None:
             proxy = via(host, port)
             host, port = await proxy.start()
-        src = Daemon("source", options=opts or MigrationOptions())
+        src = Daemon(Role.SOURCE, options=opts or MigrationOptions())
         e = src.registry.add("drive0", "bench", bm.disk_size, bm.granularity, bm.chunk_size,
                              bitmap=bm)
         marks: dict[str, float] = {}
