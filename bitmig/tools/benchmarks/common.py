@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import socket
@@ -12,6 +13,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from bitmig.core.bitmap import DirtyBitmap
 from bitmig.daemon.control import acall
+from bitmig.daemon.registry import RegistryError
 from bitmig.protocol.geometry import bit_count
 from bitmig.tools.demo import start_dest
 
@@ -46,14 +49,42 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(), "python": platform.python_version(),
         "numpy": np.__version__, "msgpack": ".".join(map(str, msgpack.version)),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "state_dir_fs": "tmpfs" if state_root() == "/dev/shm" else "disk",
+        "state_dir_fs": "tmpfs" if state_root() == "/dev/shm" else fs_type(state_root()),
+        "disk_dir": state_root("disk"), "disk_fs": fs_type(state_root("disk")),
     }
 
 
-def state_root() -> str | None:
-    """Where destinations store: tmpfs when there is one, so the figures measure the
-    protocol and not the disk's fsync bandwidth (the store path is the same code)."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+# Where the "disk" variants store: a directory on the machine's disk, not tmpfs (/tmp may
+# be tmpfs on some systems; /var/tmp is on disk by convention). `bitmig bench --disk-dir`.
+DISK_DIR = {"path": "/var/tmp"}
+
+
+def state_root(where: str = "tmpfs") -> str:
+    """Where destinations store. "tmpfs": /dev/shm when there is one, so the figures
+    measure the protocol and not the disk (the store path is the same code). "disk": the
+    machine's disk, so the fsync inside the frozen window is what a user meets."""
+    if where == "disk":
+        d = DISK_DIR["path"]
+        return d if os.path.isdir(d) and os.access(d, os.W_OK) else tempfile.gettempdir()
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def fs_type(path: str) -> str:
+    """File system type of the mount holding `path` (from /proc/mounts), or "unknown"."""
+    real, best, kind = os.path.realpath(path), "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            mnt = parts[1].replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
 
 
 def random_words(nbytes: int, p: float, seed: int = 1) -> np.ndarray:
@@ -112,14 +143,33 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+@dataclass
+class Dest:
+    """A running destination; `events` holds its trace's freeze records once it stopped."""
+
+    proc: Any
+    host: str
+    port: int
+    sock: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
 @asynccontextmanager
-async def destination(memory_budget: int = 16 * GiB) -> AsyncIterator[tuple[Any, str, int, str]]:
-    """A `bitmig dest` process on loopback; yields (proc, host, port, control socket)."""
-    with tempfile.TemporaryDirectory(prefix="bitmig-bench-", dir=state_root()) as tmp:
+async def destination(memory_budget: int = 16 * GiB, where: str = "tmpfs",
+                      trace: bool = False) -> AsyncIterator[Dest]:
+    """A `bitmig dest` process on loopback storing on `where` ("tmpfs" or "disk"). With
+    `trace`, the destination writes a protocol trace (to tmpfs) and, once it stopped,
+    `events` holds its `stored` events and received `complete` frames. Tracing costs a
+    CRC-32 of every payload, so timed throughput runs go without it."""
+    with tempfile.TemporaryDirectory(prefix="bitmig-bench-", dir=state_root(where)) as tmp, \
+            tempfile.TemporaryDirectory(prefix="bitmig-bench-trace-",
+                                        dir=state_root("tmpfs")) as ttmp:
+        tpath = os.path.join(ttmp, "dest.jsonl") if trace else None
         proc, host, port, sock = await start_dest(
-            Path(tmp), extra=["--memory-budget", str(memory_budget)])
+            Path(tmp), trace=tpath, extra=["--memory-budget", str(memory_budget)])
+        d = Dest(proc, host, port, sock)
         try:
-            yield proc, host, port, sock
+            yield d
         finally:
             try:
                 await acall(sock, "shutdown")
@@ -130,6 +180,69 @@ async def destination(memory_budget: int = 16 * GiB) -> AsyncIterator[tuple[Any,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if tpath and os.path.exists(tpath):
+                d.events = _freeze_records(tpath)
+
+
+def _freeze_records(path: str) -> list[dict[str, Any]]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            if '"stored"' not in line and '"complete"' not in line:
+                continue
+            rec = json.loads(line)
+            if rec.get("type") == "stored" or (rec.get("type") == "frame" and
+                                               rec.get("kind") == "complete" and
+                                               rec.get("dir") == "recv"):
+                out.append(rec)
+    return out
+
+
+def freeze_breakdown(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The destination's part of the frozen window, from its trace: from the first
+    `complete` received to the last bitmap stored and acked. verify: digest and count
+    check; store: commit (header, fsync, rename, directory fsync) and the ack; wait: the
+    rest, mostly waiting for the background fsync of the spool started before the freeze
+    (one bitmap only). fsync_in_freeze_ms = store + wait: the durability cost inside the
+    frozen window (an upper bound)."""
+    done = [e for e in events if e.get("type") == "stored"]
+    comp = [e["mono"] for e in events if e.get("type") == "frame"]
+    if not done or not comp:
+        return {"dest_bitmaps_stored": len(done)}
+    verify = sum(e.get("verify_ms", 0.0) for e in done)
+    store = sum(e.get("store_ms", 0.0) for e in done)
+    span = (max(e["mono"] for e in done) - min(comp)) * 1000
+    # With one bitmap, the rest of the span is the wait for the spool's background fsync;
+    # with many, it also holds receiving the others' frames, so only commits count.
+    wait = max(0.0, span - verify - store) if len(done) == 1 else None
+    return {"dest_bitmaps_stored": len(done), "dest_complete_to_ack_ms": round(span, 2),
+            "dest_verify_ms": round(verify, 2), "dest_store_ms": round(store, 2),
+            "dest_wait_ms": round(wait, 2) if wait is not None else None,
+            "fsync_in_freeze_ms": round(store + (wait or 0.0), 2)}
+
+
+async def dest_digests(sock: str, keys: list[tuple[str, str]]) -> dict[str, str | None]:
+    """sha256 of each bitmap as the destination holds it (None: it does not)."""
+    out: dict[str, str | None] = {}
+    for node, name in keys:
+        try:
+            out[f"{node}/{name}"] = (await acall(sock, "query", node=node, name=name))["sha256"]
+        except RegistryError:  # e.g. "no such bitmap": it did not arrive
+            out[f"{node}/{name}"] = None
+    return out
+
+
+def disk_write_s(where: str, nbytes: int) -> float:
+    """Seconds to write `nbytes` sequentially (8 MiB writes) to a new file on `where` and
+    fdatasync it: what the disk itself allows for storing a bitmap of that size."""
+    buf = b"\xa5" * (8 * MiB)
+    with tempfile.NamedTemporaryFile(dir=state_root(where), prefix="bitmig-bench-") as f:
+        t0 = time.perf_counter()
+        left = nbytes
+        while left > 0:
+            left -= os.write(f.fileno(), buf[: min(left, len(buf))])
+        os.fdatasync(f.fileno())
+        return time.perf_counter() - t0
 
 
 RAW_READER = r"""
