@@ -395,7 +395,9 @@ async def _run_dest(a: argparse.Namespace) -> int:
         print(f"bitmig dest: {e}", file=sys.stderr)
         return 2
     h, p = await daemon.listen(host, port)
-    await daemon.control(a.control)
+    from bitmig.daemon.control import attach_control
+
+    await attach_control(daemon, a.control)
     if a.metrics:
         from bitmig.daemon.metrics import serve_metrics
         await serve_metrics(daemon, *a.metrics, allow_public=insecure)
@@ -495,7 +497,9 @@ async def _run_source(a: argparse.Namespace) -> int:
             print(f"bitmig source: --qmp {a.qmp}: {live}", file=sys.stderr)
             return 2
         daemon.options.wait_for_complete = True  # freeze only after `complete`
-    await daemon.control(a.control)
+    from bitmig.daemon.control import attach_control
+
+    await attach_control(daemon, a.control)
     if a.metrics:
         from bitmig.daemon.metrics import serve_metrics
         await serve_metrics(daemon, *a.metrics, allow_public=insecure)

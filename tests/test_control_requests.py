@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bitmig.daemon.control import attach_control
 from bitmig.daemon.service import Daemon
 
 BAD = {
@@ -72,7 +73,7 @@ async def ctl(tmp_path: Path):
     d = Daemon("source")
     d.registry.add("n", "b", 1 << 30, 65536, 1024)
     path = str(tmp_path / "c.sock")
-    await d.control(path)
+    await attach_control(d, path)
     yield d, path
     await d.close()
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bitmig.core.bitmap import DirtyBitmap
+from bitmig.daemon.control import attach_control
 from bitmig.daemon.migration import MigrationOptions
 from bitmig.daemon.registry import HandedOff, Ownership
 from bitmig.daemon.service import Daemon
@@ -268,7 +269,7 @@ async def test_wait_for_complete_freezes_only_once_released(tmp_path: Path,
     dest, port = await dest_daemon(tmp_path)
     src = Daemon("source", options=MigrationOptions(small_threshold=0, wait_for_complete=True))
     sock = str(tmp_path / "src.sock")
-    await src.control(sock)
+    await attach_control(src, sock)
     e = src.registry.add("n", "g", 1 << 40, 65536)
     e.bitmap.fill_random(0.05, np.random.default_rng(3))
     at_gate = asyncio.Event()
@@ -308,7 +309,7 @@ async def test_control_migrate_retries(tmp_path: Path) -> None:
 
     src = Daemon("source", options=MigrationOptions(connect_timeout=2))
     sock = str(tmp_path / "src.sock")
-    await src.control(sock)
+    await attach_control(src, sock)
     src.registry.add("n", "b", 1 << 30, 65536)
     # Nothing listens on port 1: every attempt is refused; control asks for three.
     r = await acall(sock, "migrate", host="127.0.0.1", port=1, retries=3, retry_delay=0.01)

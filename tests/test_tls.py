@@ -19,6 +19,7 @@ from typing import NamedTuple
 import pytest
 import trustme
 
+from bitmig.daemon.control import attach_control
 from bitmig.daemon.migration import MigrationOptions, MigrationResult
 from bitmig.daemon.registry import Ownership
 from bitmig.daemon.service import Daemon, tls
@@ -324,7 +325,7 @@ async def test_control_socket_is_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "run" / "ctl.sock"
     old = os.umask(0)  # even under a permissive umask
     try:
-        await d.control(str(path))
+        await attach_control(d, str(path))
     finally:
         os.umask(old)
     st = path.stat()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,7 +263,7 @@ class Spool:
         self.final = final
         self.store = store
         self.dir = store.dir
-        self.tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
+        self.tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}")
         self.unsynced = 0
         try:
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

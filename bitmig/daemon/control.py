@@ -246,6 +246,11 @@ async def handle_request(d: Daemon, line: bytes) -> dict[str, Any]:
         return {"ok": False, "code": "internal", "error": f"{type(e).__name__}: {e}"[:4096]}
 
 
+async def attach_control(d: Daemon, path: str) -> None:
+    """Serve the control socket at `path` for `d`, closed when the daemon closes."""
+    d.add_server(await serve_control(d, path))
+
+
 async def serve_control(d: Daemon, path: str) -> asyncio.AbstractServer:
     """Listen on a Unix socket with mode 0600: only the daemon's user may connect."""
     p = Path(path)

@@ -246,8 +246,8 @@ class Daemon:
             try:
                 # TLS is started here, not by start_server, so that a failed handshake is
                 # seen (logged, counted, traced) rather than dropped silently by asyncio.
-                if self.server_ssl is not None and not await tls.accept(self, w,
-                                                                        self.server_ssl):
+                if self.server_ssl is not None and not await tls.accept(
+                        w, self.server_ssl, self.connect_timeout, self.tls_refused):
                     return
                 await Receiver(self.host(), r, w).run()
             finally:
@@ -272,11 +272,15 @@ class Daemon:
         while self._handlers:
             await asyncio.wait(set(self._handlers))
 
-    async def control(self, path: str) -> None:
-        from bitmig.daemon.control import serve_control
-
-        server = await serve_control(self, path)
+    def add_server(self, server: asyncio.AbstractServer) -> None:
+        """Close `server` (the control socket, say) with this daemon."""
         self._servers.append(server)
+
+    def tls_refused(self, peer: str, why: str) -> None:
+        """A TLS handshake failed (tls.accept's report): counted and traced."""
+        self.count_error("tls")
+        self.trace.event("error", peer=peer, code="tls", message=why)
+        self.trace.flush()
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()

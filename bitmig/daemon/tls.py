@@ -28,14 +28,12 @@ import asyncio
 import logging
 import os
 import ssl
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from bitmig.daemon.channel import peer_name
 from bitmig.protocol.errors import RemoteProtocolError
 from bitmig.protocol.spec import ErrorCode
-
-if TYPE_CHECKING:
-    from bitmig.daemon.service import Daemon
 
 log = logging.getLogger("bitmig.daemon.tls")
 
@@ -172,19 +170,18 @@ def before_hello(exc: Exception, host: str, port: int, using_tls: bool) -> Excep
     return TLSError(f"TLS handshake with {host}:{port} failed: {why}")
 
 
-async def accept(daemon: Daemon, writer: asyncio.StreamWriter, ctx: ssl.SSLContext) -> bool:
+async def accept(writer: asyncio.StreamWriter, ctx: ssl.SSLContext, timeout: float,
+                 refused: Callable[[str, str], None]) -> bool:
     """Run the server side of the handshake on a fresh connection. A failure is logged
-    (one line), counted as error "tls", traced, and the connection closed: returns False
-    and nothing else happens for that peer."""
+    (one line), reported to `refused(peer, why)` (the daemon counts and traces it), and the
+    connection closed: returns False and nothing else happens for that peer."""
     peer = peer_name(writer)
     try:
-        await writer.start_tls(ctx, ssl_handshake_timeout=daemon.connect_timeout)
+        await writer.start_tls(ctx, ssl_handshake_timeout=timeout)
     except (OSError, TimeoutError, EOFError) as e:
         why = describe(e)
         log.warning("TLS handshake with %s failed: %s", peer, why)
-        daemon.count_error("tls")
-        daemon.trace.event("error", peer=peer, code="tls", message=why)
-        daemon.trace.flush()
+        refused(peer, why)
         writer.close()
         try:
             await asyncio.wait_for(writer.wait_closed(), 2)
