@@ -353,15 +353,6 @@ def test_qsd_fixture_sockets_listen(daemons) -> None:
 # -- end to end: bitmig source --qmp A -> bitmig dest --qmp B --------------------------
 
 
-def _gate_missing() -> str | None:
-    from bitmig.daemon.service import Daemon
-
-    d = Daemon("source")
-    missing = [h for h in ("before_freeze", "target") if not hasattr(d, h)]
-    return f"Daemon lacks {', '.join(missing)} (branch source-session)" \
-        if missing else None
-
-
 class Proc:
     """A bitmig daemon subprocess; `line` is its first stdout line (it is ready then)."""
 
@@ -400,9 +391,6 @@ def _start_dest(tmp_path: Path, b: Qsd, tag: str) -> tuple[Proc, int]:
 
 
 async def test_end_to_end_live_qemu_to_qemu(tmp_path: Path, daemons) -> None:
-    reason = _gate_missing()
-    if reason:
-        pytest.skip(reason)
     a, control = daemons("a"), daemons("ctl")
     b = daemons("b", bitmaps=[])
     writes = [(21, 40), (22, 40), (23, 40)]  # before, during the bulk pass, after it
@@ -435,9 +423,6 @@ async def test_end_to_end_live_qemu_to_qemu(tmp_path: Path, daemons) -> None:
 
 
 async def test_end_to_end_dest_killed_then_retry(tmp_path: Path, daemons) -> None:
-    reason = _gate_missing()
-    if reason:
-        pytest.skip(reason)
     a, b = daemons("a"), daemons("b", bitmaps=[])
     await a.awrite(np.random.default_rng(31), 40, SIZE)
     before = a.bitmaps()
@@ -473,9 +458,6 @@ async def test_end_to_end_source_killed_cuts_qmp_then_retry(tmp_path: Path, daem
     """The source dies mid-migration (its QMP connection cut, no cleanup): A keeps its
     bitmaps unchanged, B holds none, and the next source run removes the leftovers and
     completes."""
-    reason = _gate_missing()
-    if reason:
-        pytest.skip(reason)
     a, b = daemons("a"), daemons("b", bitmaps=[])
     await a.awrite(np.random.default_rng(41), 40, SIZE)
     before = a.bitmaps()
