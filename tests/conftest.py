@@ -7,8 +7,11 @@ shown, when no Docker engine (or no Compose tool) answers on this machine.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -44,10 +47,47 @@ def docker_unavailable() -> str | None:
     return None
 
 
+# Set at collection: a selected test module says NEEDS_QEMU_IMAGES = True, so the one
+# image build of the session (build_images) also makes the QEMU images.
+_qemu_images_needed = False
+
+
+@functools.cache
+def build_images() -> str | None:
+    """Run docker/build-images.sh once per session (with --qemu when a selected test
+    needs bitmig-qemu:latest); None on success, else why the images are missing."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [str(root / "docker" / "build-images.sh")]
+    if _qemu_images_needed:
+        cmd.append("--qemu")
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        return f"{' '.join(cmd)} failed (exit {r.returncode}):\n{r.stderr[-4000:]}"
+    print(f"\nimages built in {time.monotonic() - t0:.1f}s ({' '.join(cmd[1:]) or 'plain'})")
+    return None
+
+
+def base_image_unbuildable(image: str) -> str | None:
+    """Why build-base.sh cannot make `image` here (it is missing and debootstrap cannot
+    run), or None."""
+    if subprocess.run(["docker", "image", "inspect", image], capture_output=True,
+                      timeout=60).returncode == 0:
+        return None
+    if shutil.which("debootstrap") is None:
+        return f"{image} is missing and debootstrap (to build it) is not installed"
+    if os.geteuid() != 0:
+        return f"{image} is missing and debootstrap (to build it) needs root"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    global _qemu_images_needed
     marked = [item for item in items if item.get_closest_marker("docker")]
     if not marked:
         return
+    _qemu_images_needed = any(getattr(getattr(item, "module", None), "NEEDS_QEMU_IMAGES",
+                                      False) for item in marked)
     reason = docker_unavailable()
     if reason:
         for item in marked:

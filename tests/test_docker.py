@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compose_command, docker_unavailable
+from conftest import build_images, compose_command, docker_unavailable
 
 from bitmig.tools.trace_cli import read_trace
 
@@ -125,10 +125,8 @@ def images() -> None:
     """Build bitmig:latest (and the base image if missing) once per session."""
     if docker_unavailable():
         pytest.skip(docker_unavailable() or "")
-    t0 = time.monotonic()
-    r = run([str(ROOT / "docker" / "build-images.sh")], timeout=900, check=False)
-    assert r.returncode == 0, f"docker/build-images.sh failed:\n{r.stderr[-4000:]}"
-    print(f"\nimages built in {time.monotonic() - t0:.1f}s")
+    error = build_images()  # once per session, shared with test_docker_qemu.py
+    assert error is None, error
 
 
 @contextmanager
