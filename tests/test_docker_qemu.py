@@ -14,14 +14,12 @@ docker/build-images.sh --qemu, once per session (conftest.build_images).
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import base_image_unbuildable, build_images, docker_unavailable
-from test_docker import ROOT, Project, run
+from test_docker import ROOT, Project, follow, run
 
 pytestmark = pytest.mark.docker
 NEEDS_QEMU_IMAGES = True  # conftest: the session's image build adds --qemu
@@ -45,29 +43,17 @@ class QemuProject(Project):
 
     def wait_healthy_or_exit(self, service: str, timeout: float = 300) -> None:
         """Follow the container's events until it is healthy; fail at once with its exit
-        code when it dies first (docker events, not a polling loop)."""
+        code when it dies (or turns unhealthy) first."""
         cid = self.container(service)
         since = run(["docker", "inspect", "-f", "{{.State.StartedAt}}", cid]).stdout.strip()
-        proc = subprocess.Popen(
-            ["docker", "events", "--since", since, "--filter", f"container={cid}",
-             "--filter", "event=health_status", "--filter", "event=die",
-             "--format", "{{.Status}}"], stdout=subprocess.PIPE, text=True)
-        try:
-            # the timeout only bounds a hang; the loop ends on an event
-            deadline = time.monotonic() + timeout
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if "healthy" in line and "unhealthy" not in line:
-                    return
-                if line.startswith("die") or "unhealthy" in line or \
-                        time.monotonic() > deadline:
-                    break
-            state = run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}",
+        line = follow(["docker", "events", "--since", since, "--filter", f"container={cid}",
+                       "--filter", "event=health_status", "--filter", "event=die",
+                       "--format", "{{.Status}}"],
+                      (": healthy", ": unhealthy", "die"), f"{service} healthy", timeout)
+        if ": healthy" not in line:
+            state = run(["docker", "inspect", "-f", "{{.State.Status}} exit {{.State.ExitCode}}",
                          cid]).stdout.strip()
-            raise AssertionError(f"{service} did not become healthy ({state})")
-        finally:
-            proc.kill()
-            proc.wait()
+            raise AssertionError(f"{service} did not become healthy: {line.strip()} ({state})")
 
     def qemu_bitmaps(self, service: str) -> dict[str, dict[str, Any]]:
         """QEMU's bitmaps on NODE, asked over QMP inside the container."""
