@@ -15,7 +15,10 @@ pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
 rc=0
 wait "$pid" || rc=$?
-# a trapped signal interrupts the first wait: wait for bitmig dest itself to finish
-while kill -0 "$pid" 2>/dev/null; do wait "$pid" || rc=$?; done
+# a trapped signal ends `wait` early (status 128+n): wait again for bitmig dest's own status
+if ((rc > 128)); then
+    rc=0
+    wait "$pid" || rc=$?
+fi
 stop_qsd
 exit "$rc"

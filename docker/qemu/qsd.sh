@@ -7,7 +7,7 @@
 IMG=/images/disk.qcow2
 RUN=/run/qemu
 NODE=${BITMIG_QEMU_NODE:-disk0}
-SIZE=${BITMIG_QEMU_DISK_SIZE:-16G}
+SIZE=${BITMIG_QEMU_DISK_SIZE:-1T}
 QSD_PID=
 
 log() { printf '[%s] %s\n' "$(basename "$0" .sh)" "$*" >&2; }

@@ -13,14 +13,14 @@ WRITES=${BITMIG_QEMU_WRITES:-40}
 SEED=${BITMIG_QEMU_SEED:-$((RANDOM << 15 | RANDOM))}
 RANDOM=$SEED
 
-# qemu-io writes WRITES random extents (4 KiB .. 2 MiB, 512-byte aligned) into the image;
+# qemu-io writes WRITES random extents (4 KiB .. 260 KiB, 512-byte aligned) into the image;
 # QEMU itself marks them in every enabled bitmap
 random_writes() {
     local size sectors n len off cmds=()
     size=$(numfmt --from=iec "$SIZE")
     sectors=$((size / 512))
     for ((n = 0; n < WRITES; n++)); do
-        len=$(( (RANDOM % 4096 + 8) * 512 ))
+        len=$(( (RANDOM % 512 + 8) * 512 ))
         off=$(( ((RANDOM << 30 | RANDOM << 15 | RANDOM) % (sectors - len / 512)) * 512 ))
         cmds+=(-c "write -q -P $((RANDOM % 255 + 1)) $off $len")
     done
