@@ -1,0 +1,556 @@
+"""The source session against the real destination session, in memory, on a fake clock.
+
+No sockets, no asyncio, no sleeps. `Link` carries out both sessions' actions: bytes from
+the source's `Send` go through a destination `Connection` into a `DestinationSession`
+(one per connection, sharing one `Intake` and one store, as a daemon does), and the
+destination's frames go back to the source. Sending N bytes advances the clock by
+N / RATE seconds; timers (the source's, and the intake's park expiry) fire when nothing
+else is left to do, by moving the clock to the earliest one. `Compute` jobs run inline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from bitmig.core.assembly import Assembly
+from bitmig.core.bitmap import DirtyBitmap
+from bitmig.core.digest import tree_digest
+from bitmig.protocol import spec
+from bitmig.protocol.codec import decode_body
+from bitmig.protocol.connection import Connection
+from bitmig.protocol.errors import ProtocolError, RemoteProtocolError
+from bitmig.protocol.events import Ack, Bits, Error, Start, Zeroes
+from bitmig.protocol.state import ConnState, Role
+from bitmig.session import destination as ds
+from bitmig.session import source as s
+from bitmig.session.source import MigrationOptions, OutgoingBitmap, SourceSession
+
+DISK, GRAN, CHUNK = 1 << 37, 65536, 1024  # 2 Mi bits, 256 KiB serialized, 256 chunks
+RATE = 4 << 20  # bytes per second of the simulated link
+RESUME = 300.0  # the destination's resume timeout (seconds)
+OPTS = dict(small_threshold=0, frame_payload=16 << 10, downtime_ms=5, max_passes=10)
+
+
+class Store:
+    """What the destination host owns, across connections (a daemon's registry)."""
+
+    def __init__(self) -> None:
+        self.owned: dict[tuple[str, str], tuple[ds.StoredMeta, DirtyBitmap]] = {}
+        self.owns = 0  # Own actions carried out
+        self.replaced = 0
+
+    def holds(self, node: str, name: str) -> bool:
+        return (node, name) in self.owned
+
+    def replaceable(self, start: Start) -> DirtyBitmap | None:
+        got = self.owned.get((start.node, start.name))
+        if got is None or start.token is None or got[0].token != start.token:
+            return None
+        return got[1]
+
+
+class DestEnd:
+    """One connection's destination: a Connection and the real DestinationSession."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.conn = Connection(Role.DESTINATION)
+        self.session = ds.DestinationSession(link.intake, link.store, "memory")
+        self.closed = False
+        self.frames_in = 0
+
+    def feed(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except RemoteProtocolError as e:  # fatal: report it, discard the bitmaps
+            self._out(self.conn.error_frame(e))
+            self.close(cut=False)
+            return
+        for ev in events:
+            if type(ev) is Error and ev.id is None:  # the source gave up: a cut
+                self.close(cut=True)
+                return
+            self.run(self.session.handle(ev, self.link.now))
+
+    def eof(self) -> None:
+        try:
+            self.conn.receive_eof()
+        except ProtocolError:
+            pass  # a cut: the close below parks what can be resumed
+        self.close(cut=True)
+
+    def close(self, cut: bool) -> None:
+        if not self.closed:
+            self.closed = True
+            self.run(self.session.close(self.link.now, cut))
+
+    def _out(self, buffers: list[bytes | memoryview]) -> None:
+        self.link.to_source(b"".join(bytes(b) for b in buffers))
+
+    def run(self, actions: list[ds.Action]) -> None:
+        for a in actions:
+            t, done = type(a), None
+            if t is ds.Send:
+                if self.conn.state is not ConnState.FAILED:
+                    self._out(self.conn.send(a.event))
+            elif t is ds.Refuse:
+                self.link.refused.append(a)
+                self._out(self.conn.error_frame(RemoteProtocolError(a.code, a.message, a.id)))
+            elif t is ds.Allocate:
+                done = ds.Allocated(a.id, Assembly.replacing(a.start, a.base))
+            elif t is ds.Own:
+                store = self.link.store
+                store.owns += 1
+                store.replaced += a.replace
+                store.owned[(a.meta.node, a.meta.name)] = (a.meta, a.bitmap)
+            elif t is ds.Sync:
+                done = ds.Synced(a.id)
+            elif t is ds.CloseConnection:
+                pass
+            else:
+                assert t is ds.Note, a  # durable=False: no spool, commit or target
+            if done is not None:
+                self.run(self.session.handle(done, self.link.now))
+
+
+@dataclass
+class Link:
+    """Both sessions and what lies between them."""
+
+    session: SourceSession
+    intake: ds.Intake = field(default_factory=lambda: ds.Intake(
+        1 << 30, durable=False, resume_timeout=RESUME))
+    store: Store = field(default_factory=Store)
+    now: float = 0.0
+    writer: Callable[[Link, float], None] | None = None  # writes for dt seconds
+    cut_at: int | None = None  # drop the connection after this many source frames
+    drop_ack: bool = False  # the first ack is lost with its connection
+    frames_up: int = 0  # source frames delivered, over the whole run
+    dest: DestEnd | None = None
+    timer: float | None = None
+    queue: list[Callable[[float], list[s.Action]]] = field(default_factory=list)
+    actions: list[s.Action] = field(default_factory=list)
+    attempts: list[s.AttemptDone] = field(default_factory=list)
+    frozen: set[int] = field(default_factory=set)
+    freezes: list[tuple[float, tuple[int, ...]]] = field(default_factory=list)
+    handed_off: list[int] = field(default_factory=list)
+    refused: list[ds.Refuse] = field(default_factory=list)
+    dests: list[DestEnd] = field(default_factory=list)
+    expired: list[ds.Note] = field(default_factory=list)
+    result: s.MigrationResult | None = None
+
+    def run(self, limit: int = 100_000, until: Callable[[Link], bool] | None = None,
+            ) -> s.MigrationResult | None:
+        if not self.actions:
+            self.do(self.session.start(self.now))
+        for _ in range(limit):
+            if self.result is not None or (until is not None and until(self)):
+                return self.result
+            if self.queue:
+                self.do(self.queue.pop(0)(self.now))
+                continue
+            self.fire_timer()
+        raise AssertionError("the sessions did not finish")
+
+    def fire_timer(self, at: float | None = None) -> None:
+        """Nothing to do: the clock moves to the earliest timer (or `at`), which fires."""
+        parked = self.intake.next_timer()
+        due = [t for t in (self.timer, parked, at) if t is not None]
+        assert due, "both sessions wait for nothing: stuck"
+        self.advance(min(due))
+        if parked is not None and parked <= self.now:
+            # durable=False: expiry only notes (no spool to discard)
+            self.expired += [a for a in self.intake.handle_timer(self.now)
+                             if type(a) is ds.Note]
+        if self.timer is not None and self.timer <= self.now:
+            self.timer = None
+            self.do(self.session.timer(self.now))
+
+    def do(self, actions: list[s.Action]) -> None:
+        for a in actions:
+            self.actions.append(a)
+            t = type(a)
+            if t is s.Connect:
+                self.advance(a.at)
+                self.dest = DestEnd(self)
+                self.dests.append(self.dest)
+                self.queue.append(self.session.connected)
+            elif t is s.Send:
+                self.to_dest(b"".join(bytes(b) for b in a.buffers))
+            elif t is s.WantWrite:
+                self.queue.append(self.session.writable)
+            elif t is s.SetTimer:
+                self.timer = a.at
+            elif t is s.Compute:
+                for job in a.jobs:
+                    job()
+                self.queue.append(self.session.computed)
+            elif t is s.Freeze:
+                assert not self.frozen
+                self.frozen |= set(a.ids)
+                self.freezes.append((self.now, tuple(a.ids)))
+                self.queue.append(self.session.frozen)
+            elif t is s.Unfreeze:
+                self.frozen -= set(a.ids)
+            elif t is s.HandOff:
+                self.handed_off.append(a.id)
+            elif t is s.Close:
+                if self.dest is not None:
+                    self.dest.eof()
+                self.dest = None
+                self.queue.clear()  # what the closed connection still carried is dropped
+            elif t is s.AttemptDone:
+                self.attempts.append(a)
+                self.frozen.clear()
+            elif t is s.Finished:
+                self.result = a.result
+                self.timer = None  # the adapter stops; only the intake's timer remains
+
+    def to_dest(self, data: bytes) -> None:
+        if self.dest is None:
+            return
+        self.advance(self.now + len(data) / RATE)
+        pos = 0
+        while pos < len(data):  # whole frames, one at a time, so a cut may fall anywhere
+            if self.cut_at is not None and self.frames_up == self.cut_at:
+                self.cut_at = None
+                self.cut()
+                return
+            n = 4 + int.from_bytes(data[pos:pos + 4], "big")
+            self.frames_up += 1
+            self.dest.feed(data[pos:pos + n])
+            pos += n
+            if self.dest is None:
+                return
+
+    def advance(self, to: float) -> None:
+        """A clock step: the guest writes for that long (not while its bitmaps are
+        frozen, as a registry holds mutations, nor after a handoff)."""
+        if to <= self.now:
+            return
+        if self.writer is not None and not self.frozen and not self.handed_off:
+            self.writer(self, to - self.now)
+        self.now = to
+
+    def to_source(self, data: bytes) -> None:
+        if self.drop_ack and any(type(decode_body(f)) is Ack for f in split(data)):
+            self.drop_ack = False
+            self.cut()  # the ack is lost with the connection
+            return
+        self.queue.append(lambda now: self.session.receive_data(now, data))
+
+    def cut(self) -> None:
+        """The connection breaks: what is in flight is lost both ways."""
+        dest, self.dest = self.dest, None
+        self.queue.clear()
+        if dest is not None:
+            dest.close(cut=True)
+        err = ConnectionResetError(104, "Connection reset by peer")
+        self.queue.append(lambda now: self.session.connection_lost(now, err))
+
+    def notes(self, kind: str) -> list[dict]:
+        return [a.fields for a in self.actions if type(a) is s.Note and a.kind == kind]
+
+    def chunks_sent(self) -> int:
+        """Chunks the source sent (bits + zeroes frames' counts), all attempts."""
+        n = 0
+        for a in self.actions:
+            if type(a) is s.Send:
+                for f in split(b"".join(bytes(b) for b in a.buffers)):
+                    ev = decode_body(f)
+                    if type(ev) in (Bits, Zeroes):
+                        n += ev.count
+        return n
+
+    def assert_intake_empty(self) -> None:
+        it = self.intake
+        assert (it.budget_used, it.held, it.reserved, it.parked) == (0, 0, set(), {}), \
+            (it.budget_used, it.held, it.reserved, it.parked)
+        for d in self.dests:
+            assert d.closed or d.session.finished, "a destination connection stayed open"
+            assert d.session.bitmaps == {}
+
+
+def split(data: bytes) -> list[bytes]:
+    """Frame bodies of a byte string of whole frames."""
+    out, pos = [], 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        out.append(data[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+def bitmap(seed: int, density: float = 0.1, disk: int = DISK) -> DirtyBitmap:
+    bm = DirtyBitmap(disk, GRAN, CHUNK)
+    bm.fill_random(density, np.random.default_rng(seed))
+    return bm
+
+
+def outgoing(name: str, bm: DirtyBitmap) -> OutgoingBitmap:
+    return OutgoingBitmap("drive0", name, bm, name.encode().ljust(spec.TOKEN_BYTES, b"t"))
+
+
+def link(*bms: tuple[str, DirtyBitmap], **kw) -> Link:
+    return Link(SourceSession([outgoing(n, b) for n, b in bms], "dest:1",
+                              MigrationOptions(**{**OPTS, **kw})))
+
+
+def digests(bm: DirtyBitmap) -> tuple[bytes, bytes]:
+    return bm.sha256(), tree_digest(bm.serialize(0, bm.nchunks))
+
+
+def assert_same(lk: Link, name: str, bm: DirtyBitmap) -> None:
+    _meta, got = lk.store.owned[("drive0", name)]
+    assert digests(got) == digests(bm), name
+    assert np.array_equal(got.words, bm.words), name
+
+
+class Writer:
+    """A seeded guest writing `per_s` random bits per second of clock to some bitmaps;
+    `written` is the reference model: every bit it set."""
+
+    def __init__(self, seed: int, per_s: float, *bms: DirtyBitmap) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.per_s, self.bms, self.acc = per_s, bms, 0.0
+        self.written = [np.zeros(bm.nbits, bool) for bm in bms]
+
+    def __call__(self, lk: Link, dt: float) -> None:
+        self.acc += self.per_s * dt
+        n, self.acc = int(self.acc), self.acc - int(self.acc)
+        for bm, ref in zip(self.bms, self.written, strict=True):
+            bits = self.rng.integers(0, bm.nbits, n)
+            bm.set_many(bits)
+            ref[bits] = True
+
+
+def bits_of(bm: DirtyBitmap) -> np.ndarray:
+    return np.unpackbits(bm.words.view(np.uint8), bitorder="little")[: bm.nbits].astype(bool)
+
+
+# -- convergence and freeze ----------------------------------------------------------------
+
+def test_mutated_bitmaps_converge_freeze_and_arrive_whole() -> None:
+    a, b = bitmap(1), bitmap(2)
+    initial = [bits_of(a), bits_of(b)]
+    w = Writer(3, 800, a, b)  # 2 x 800 chunks/s dirtied vs 4096 chunks/s of link
+    lk = link(("a", a), ("b", b))
+    lk.writer = w
+    result = lk.run()
+    assert result.ok, result.error
+    passes = lk.notes("pass")
+    assert len(passes) >= 2 and not result.forced
+    pending = [p["pending_bytes"] for p in passes]
+    assert pending == sorted(pending, reverse=True) and pending[-1] < pending[0], pending
+    # One freeze of both bitmaps, once what was left fit the 5 ms target.
+    assert len(lk.freezes) == 1 and sorted(lk.freezes[0][1]) == [0, 1]
+    completion = [p for p in lk.notes("phase") if p["phase"] == "completion"][-1]
+    assert completion["pending_bytes"] / RATE <= 5 / 1000
+    assert sum(w.written[0]) > 0 and sum(w.written[1]) > 0
+    for name, bm, init, ref in (("a", a, initial[0], w.written[0]),
+                                ("b", b, initial[1], w.written[1])):
+        assert_same(lk, name, bm)
+        got = bits_of(lk.store.owned[("drive0", name)][1])
+        assert np.array_equal(got, init | ref), name  # every bit written, nothing else
+    assert sorted(lk.handed_off) == [0, 1] and lk.store.owns == 2
+    lk.assert_intake_empty()
+
+
+def test_small_bitmaps_skip_the_live_phase() -> None:
+    small = [bitmap(10 + i, disk=1 << 30) for i in range(3)]  # 2 KiB serialized each
+    big = bitmap(20)
+    lk = link(*[(f"s{i}", bm) for i, bm in enumerate(small)], ("big", big),
+              small_threshold=64 << 10)
+    result = lk.run()
+    assert result.ok, result.error
+    live = {o.name: o.live for o in result.bitmaps}
+    assert live == {"s0": False, "s1": False, "s2": False, "big": True}
+    # No chunk of a small bitmap goes out before the freeze.
+    freeze = next(i for i, a in enumerate(lk.actions) if type(a) is s.Freeze)
+    early = [decode_body(f) for a in lk.actions[:freeze] if type(a) is s.Send
+             for f in split(b"".join(bytes(x) for x in a.buffers))]
+    assert {ev.id for ev in early if type(ev) in (Bits, Zeroes)} == {3}
+    for i, bm in enumerate(small):
+        assert_same(lk, f"s{i}", bm)
+    assert_same(lk, "big", big)
+    lk.assert_intake_empty()
+
+
+def test_freeze_gate_holds_the_freeze_until_opened() -> None:
+    bm = bitmap(30)
+    lk = link(("b", bm), wait_for_complete=True)
+    lk.writer = Writer(31, 200, bm)
+    lk.run(until=lambda lk: lk.now > 2.0)  # converged long ago: the gate holds it live
+    assert not lk.freezes and lk.result is None and lk.store.owned == {}
+    assert len(lk.notes("pass")) >= 2
+    opened = lk.now
+    lk.do(lk.session.open_gate(lk.now))
+    result = lk.run()
+    assert result.ok, result.error
+    assert len(lk.freezes) == 1 and lk.freezes[0][0] >= opened
+    assert_same(lk, "b", bm)
+    lk.assert_intake_empty()
+
+
+# -- resume after a cut --------------------------------------------------------------------
+
+def frames_of_a_run() -> int:
+    lk = link(("a", bitmap(40)), ("b", bitmap(41)))
+    assert lk.run().ok
+    return lk.frames_up
+
+
+def test_resume_after_a_cut_at_every_frame_boundary() -> None:
+    total = frames_of_a_run()
+    assert total > 20
+    resumed_some = 0
+    for cut in range(total):
+        a, b = bitmap(40), bitmap(41)
+        lk = link(("a", a), ("b", b), retries=2, retry_delay=1.0)
+        lk.cut_at = cut
+        result = lk.run()
+        first = lk.attempts[0].result
+        assert not first.ok and "Connection reset" in first.error, cut
+        if all(o.ok for o in first.bitmaps):  # cut in the closing `end` exchange
+            assert len(lk.attempts) == 1 and sorted(lk.handed_off) == [0, 1], cut
+        else:
+            assert result.ok, (cut, result.error)
+            assert len(lk.attempts) == 2, cut
+            retry = lk.attempts[1].result
+            # The retry sent only what the destination lacked: the chunks it held were
+            # reported in `ready` and not sent again.
+            sent_first = sum(o.resumed_chunks for o in retry.bitmaps)
+            resumed_some += sent_first > 0
+            assert retry.chunks_sent == sum(
+                (a if o.name == "a" else b).nchunks - o.resumed_chunks
+                for o in retry.bitmaps), cut
+            assert lk.chunks_sent() == first.chunks_sent + retry.chunks_sent, cut
+        # Owned twice only when the ack was cut off in flight: the retry replaced it.
+        assert sorted(lk.handed_off) == [0, 1] and len(lk.store.owned) == 2, cut
+        assert lk.store.owns == 2 + lk.store.replaced, cut
+        assert_same(lk, "a", a)
+        assert_same(lk, "b", b)
+        lk.assert_intake_empty()
+    assert resumed_some > total // 2  # most cuts fall mid-stream and resume
+
+
+# -- lost ack ------------------------------------------------------------------------------
+
+def test_lost_ack_is_resolved_by_the_retry_replacing_it() -> None:
+    bm = bitmap(50)
+    lk = link(("b", bm), retries=2, retry_delay=1.0)
+    lk.drop_ack = True
+    lk.run(until=lambda lk: bool(lk.attempts))
+    first = lk.attempts[0].result
+    assert not first.ok and not lk.handed_off and lk.store.owns == 1
+    # Both sides hold it now; the source changes it before the retry.
+    bm.set(1 << 30, GRAN)
+    result = lk.run()
+    assert result.ok, result.error
+    assert lk.handed_off == [0] and lk.store.owns == 2 and lk.store.replaced == 1
+    assert len(lk.store.owned) == 1  # one owner at the end: the destination, the latest copy
+    assert_same(lk, "b", bm)
+    lk.assert_intake_empty()
+
+
+# -- the budget after every outcome --------------------------------------------------------
+
+def test_budget_returns_to_zero_after_a_refused_bitmap() -> None:
+    a, taken = bitmap(60), bitmap(61)
+    lk = link(("a", a), ("taken", taken))
+    other = bitmap(62)
+    lk.store.owned[("drive0", "taken")] = (ds.StoredMeta(
+        node="drive0", name="taken", disk_size=DISK, granularity=GRAN, chunk_size=CHUNK,
+        enabled=True, persistent=False, count=other.count(), digest=b"", stored_at=0.0,
+        origin="elsewhere", token=b"x" * spec.TOKEN_BYTES), other)
+    result = lk.run()
+    by = {o.name: o for o in result.bitmaps}
+    assert by["a"].ok and not by["taken"].ok and "exists" in by["taken"].error
+    assert [r.code for r in lk.refused] == [spec.ErrorCode.EXISTS]
+    assert lk.store.owned[("drive0", "taken")][1] is other  # untouched
+    assert_same(lk, "a", a)
+    lk.assert_intake_empty()
+
+
+def test_budget_returns_to_zero_after_a_bitmap_over_budget() -> None:
+    a, b = bitmap(63), bitmap(64)
+    lk = link(("a", a), ("b", b))
+    lk.intake = ds.Intake(a.serialized_size + 1000, durable=False, resume_timeout=RESUME)
+    result = lk.run()
+    by = {o.name: o for o in result.bitmaps}
+    assert by["a"].ok and by["b"].error.startswith("limit"), by["b"].error
+    lk.assert_intake_empty()
+
+
+def test_budget_returns_to_zero_after_a_fatal_error() -> None:
+    bm = bitmap(65)
+    lk = link(("b", bm), retries=1)
+    lk.run(until=lambda lk: lk.frames_up >= 10)
+    # A frame the destination cannot parse: a fatal error for the whole connection.
+    lk.to_dest(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+    result = lk.run()
+    assert not result.ok and result.error == \
+        "PeerError: peer reported malformed: frame body is not msgpack: "
+    assert not lk.intake.parked  # this side's fatal error: nothing kept for a retry
+    assert lk.store.owned == {} and not lk.handed_off
+    assert lk.dests[0].closed
+    lk.assert_intake_empty()
+
+
+def test_budget_returns_to_zero_after_a_cut_and_expiry() -> None:
+    bm = bitmap(66)
+    lk = link(("b", bm), retries=1)
+    lk.cut_at = 12
+    result = lk.run()
+    assert not result.ok and len(lk.attempts) == 1
+    it = lk.intake
+    assert list(it.parked) == [("drive0", "b")] and it.budget_used > 0 and it.held == 1
+    cut_at = lk.now
+    lk.fire_timer()  # nothing else to do: the clock moves to the expiry
+    assert lk.now == pytest.approx(cut_at + RESUME)
+    assert [n.what for n in lk.expired] == ["discarded"]
+    lk.assert_intake_empty()
+
+
+def test_budget_returns_to_zero_after_two_cuts_and_resumes() -> None:
+    """Issue 9's defect: a resumed bitmap's budget was kept after its ack."""
+    bm = bitmap(67)
+    lk = link(("b", bm), retries=3, retry_delay=1.0)
+    lk.cut_at = 12
+    lk.run(until=lambda lk: len(lk.attempts) == 1)
+    lk.cut_at = lk.frames_up + 4
+    result = lk.run()
+    assert result.ok and len(lk.attempts) == 3, result.error
+    assert [o.resumed_chunks > 0 for o in lk.attempts[2].result.bitmaps] == [True]
+    assert_same(lk, "b", bm)
+    lk.assert_intake_empty()
+    # A fresh start the full budget allows is admitted.
+    assert lk.intake.admit(lk.intake.memory_budget, lk.now)[0] is None
+
+
+def test_budget_returns_to_zero_after_a_lost_ack_and_replace() -> None:
+    bm = bitmap(68)
+    lk = link(("b", bm), retries=2, retry_delay=1.0)
+    lk.drop_ack = True
+    assert lk.run().ok
+    assert lk.store.replaced == 1
+    lk.assert_intake_empty()
+
+
+def test_budget_returns_to_zero_after_an_abort_and_expiry() -> None:
+    bm = bitmap(69)
+    lk = link(("b", bm))
+    lk.run(until=lambda lk: lk.frames_up >= 10)
+    lk.do(lk.session.abort(lk.now))
+    result = lk.run()
+    assert not result.ok and result.error and "stopped" in result.error, result.error
+    assert not lk.handed_off and lk.store.owned == {}
+    # The source's fatal error frame is a cut to the destination: parked, then expired.
+    assert list(lk.intake.parked) == [("drive0", "b")]
+    lk.fire_timer()
+    assert [n.what for n in lk.expired] == ["discarded"]
+    lk.assert_intake_empty()
