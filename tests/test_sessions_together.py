@@ -23,7 +23,8 @@ from bitmig.protocol import spec
 from bitmig.protocol.codec import decode_body
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import ProtocolError, RemoteProtocolError
-from bitmig.protocol.events import Ack, Bits, Error, Start, Zeroes
+from bitmig.protocol.events import Ack, Bits, Error, Ready, Start, Zeroes
+from bitmig.protocol.have import decode_have
 from bitmig.protocol.state import ConnState, Role
 from bitmig.session import destination as ds
 from bitmig.session import source as s
@@ -95,6 +96,8 @@ class DestEnd:
         for a in actions:
             t, done = type(a), None
             if t is ds.Send:
+                if type(a.event) is Ready:  # what the destination says it holds
+                    self.link.readies[(len(self.link.dests), a.event.id)] = a.event
                 if self.conn.state is not ConnState.FAILED:
                     self._out(self.conn.send(a.event))
             elif t is ds.Refuse:
@@ -141,6 +144,8 @@ class Link:
     refused: list[ds.Refuse] = field(default_factory=list)
     dests: list[DestEnd] = field(default_factory=list)
     expired: list[ds.Note] = field(default_factory=list)
+    readies: dict[tuple[int, int], Ready] = field(default_factory=dict)  # (conn, id)
+    wire_chunks: dict[tuple[int, int], int] = field(default_factory=dict)  # (conn, id) -> n
     result: s.MigrationResult | None = None
 
     def run(self, limit: int = 100_000, until: Callable[[Link], bool] | None = None,
@@ -180,7 +185,13 @@ class Link:
                 self.dests.append(self.dest)
                 self.queue.append(self.session.connected)
             elif t is s.Send:
-                self.to_dest(b"".join(bytes(b) for b in a.buffers))
+                data = b"".join(bytes(b) for b in a.buffers)
+                for f in split(data):
+                    ev = decode_body(f)
+                    if type(ev) in (Bits, Zeroes):
+                        k = (len(self.dests), ev.id)
+                        self.wire_chunks[k] = self.wire_chunks.get(k, 0) + ev.count
+                self.to_dest(data)
             elif t is s.WantWrite:
                 self.queue.append(self.session.writable)
             elif t is s.SetTimer:
@@ -254,17 +265,6 @@ class Link:
 
     def notes(self, kind: str) -> list[dict]:
         return [a.fields for a in self.actions if type(a) is s.Note and a.kind == kind]
-
-    def chunks_sent(self) -> int:
-        """Chunks the source sent (bits + zeroes frames' counts), all attempts."""
-        n = 0
-        for a in self.actions:
-            if type(a) is s.Send:
-                for f in split(b"".join(bytes(b) for b in a.buffers)):
-                    ev = decode_body(f)
-                    if type(ev) in (Bits, Zeroes):
-                        n += ev.count
-        return n
 
     def assert_intake_empty(self) -> None:
         it = self.intake
@@ -398,19 +398,24 @@ def test_freeze_gate_holds_the_freeze_until_opened() -> None:
 
 # -- resume after a cut --------------------------------------------------------------------
 
-def frames_of_a_run() -> int:
-    lk = link(("a", bitmap(40)), ("b", bitmap(41)))
+def frames_of_a_run(per_s: float) -> int:
+    a, b = bitmap(40), bitmap(41)
+    lk = link(("a", a), ("b", b))
+    lk.writer = Writer(42, per_s, a, b)
     assert lk.run().ok
     return lk.frames_up
 
 
-def test_resume_after_a_cut_at_every_frame_boundary() -> None:
-    total = frames_of_a_run()
+@pytest.mark.parametrize("per_s", [0, 300], ids=["idle", "written"])
+def test_resume_after_a_cut_at_every_frame_boundary(per_s: float) -> None:
+    total = frames_of_a_run(per_s)
     assert total > 20
     resumed_some = 0
     for cut in range(total):
         a, b = bitmap(40), bitmap(41)
+        initial = [bits_of(a), bits_of(b)]
         lk = link(("a", a), ("b", b), retries=2, retry_delay=1.0)
+        lk.writer = w = Writer(42, per_s, a, b)  # the same writes as the uncut run
         lk.cut_at = cut
         result = lk.run()
         first = lk.attempts[0].result
@@ -421,19 +426,30 @@ def test_resume_after_a_cut_at_every_frame_boundary() -> None:
             assert result.ok, (cut, result.error)
             assert len(lk.attempts) == 2, cut
             retry = lk.attempts[1].result
-            # The retry sent only what the destination lacked: the chunks it held were
-            # reported in `ready` and not sent again.
-            sent_first = sum(o.resumed_chunks for o in retry.bitmaps)
-            resumed_some += sent_first > 0
-            assert retry.chunks_sent == sum(
-                (a if o.name == "a" else b).nchunks - o.resumed_chunks
-                for o in retry.bitmaps), cut
-            assert lk.chunks_sent() == first.chunks_sent + retry.chunks_sent, cut
+            # What the destination said it held when the retry started (a resumed
+            # bitmap's chunks, or all of a copy whose ack was lost)...
+            held = {bid: int(decode_have(r.have_enc, r.have, a.nchunks, bid).sum())
+                    for (c, bid), r in lk.readies.items() if c == 2 and r.have is not None}
+            for o in retry.bitmaps:
+                bm = a if o.name == "a" else b
+                bid = next(it.id for it in lk.session.items if it.out.name == o.name)
+                assert o.resumed_chunks == held.get(bid, 0), (cut, o.name)
+                # ...and the retry sent no chunk it held, unless written since (the
+                # writer only dirties chunks; without it nothing held is sent again).
+                sent = lk.wire_chunks.get((2, bid), 0)
+                if per_s == 0:
+                    assert sent == bm.nchunks - held.get(bid, 0), (cut, o.name)
+                resumed_some += held.get(bid, 0) > 0
+            assert retry.chunks_sent == sum(v for (c, _), v in lk.wire_chunks.items()
+                                            if c == 2), cut
         # Owned twice only when the ack was cut off in flight: the retry replaced it.
         assert sorted(lk.handed_off) == [0, 1] and len(lk.store.owned) == 2, cut
         assert lk.store.owns == 2 + lk.store.replaced, cut
-        assert_same(lk, "a", a)
-        assert_same(lk, "b", b)
+        for name, bm, init, ref in (("a", a, initial[0], w.written[0]),
+                                    ("b", b, initial[1], w.written[1])):
+            assert_same(lk, name, bm)
+            got = bits_of(lk.store.owned[("drive0", name)][1])
+            assert np.array_equal(got, init | ref), (cut, name)
         lk.assert_intake_empty()
     assert resumed_some > total // 2  # most cuts fall mid-stream and resume
 
