@@ -209,6 +209,7 @@ class Link:
                 self.frozen -= set(a.ids)
             elif t is s.HandOff:
                 self.handed_off.append(a.id)
+                self.frozen.discard(a.id)  # the adapter thaws it, owned by the destination
             elif t is s.Close:
                 if self.dest is not None:
                     self.dest.eof()
@@ -216,7 +217,8 @@ class Link:
                 self.queue.clear()  # what the closed connection still carried is dropped
             elif t is s.AttemptDone:
                 self.attempts.append(a)
-                self.frozen.clear()
+                # Every frozen bitmap was thawed (Unfreeze) or handed off by now.
+                assert not self.frozen, (self.frozen, a.result.error)
             elif t is s.Finished:
                 self.result = a.result
                 self.timer = None  # the adapter stops; only the intake's timer remains
@@ -570,3 +572,25 @@ def test_budget_returns_to_zero_after_an_abort_and_expiry() -> None:
     lk.fire_timer()
     assert [n.what for n in lk.expired] == ["discarded"]
     lk.assert_intake_empty()
+
+
+def test_resume_with_small_bitmaps_after_a_cut_at_every_frame_boundary() -> None:
+    """Small bitmaps go out only after the freeze: a cut there must thaw and retry them."""
+    def make() -> tuple[Link, list[DirtyBitmap]]:
+        bms = [bitmap(70, disk=1 << 30), bitmap(71, disk=1 << 30), bitmap(72)]
+        lk = link(("s0", bms[0]), ("s1", bms[1]), ("big", bms[2]), retries=2,
+                  retry_delay=1.0, small_threshold=64 << 10)
+        return lk, bms
+
+    lk, _ = make()
+    assert lk.run().ok
+    total = lk.frames_up
+    for cut in range(total):
+        lk, bms = make()
+        lk.cut_at = cut
+        lk.run()
+        assert sorted(lk.handed_off) == [0, 1, 2], cut
+        assert lk.store.owns == 3 + lk.store.replaced, cut
+        for name, bm in zip(("s0", "s1", "big"), bms, strict=True):
+            assert_same(lk, name, bm)
+        lk.assert_intake_empty()
