@@ -186,9 +186,24 @@ async def test_one_peer_cannot_hold_what_an_honest_migration_needs(tmp_path: Pat
     await d.close()
 
 
+async def flood_connections(port: int) -> list[asyncio.StreamWriter]:
+    """Issue 9 item 5: 300 connections from one peer address, each holding half of a
+    4 MiB frame. They stay open while the honest migration runs (the caller aborts them)."""
+    half = spec.MAX_FRAME_BYTES.to_bytes(4, "big") + b"\0" * (2 << 20)
+    writers = []
+    for _ in range(300):
+        _, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        try:
+            w.write(half)
+        except ConnectionError:
+            pass  # refused at accept already
+        writers.append(w)
+    return writers
+
+
 # Hostile peers run against a destination limited to 1,024 descriptors while an honest
-# migration completes. More (e.g. a connection flood) can be added to this list.
-HOSTILE: list[Callable[[int], Awaitable[object]]] = [flood_tiny_bitmaps]
+# migration completes: items 4 (bitmaps held) and 5 (connections, partial frames).
+HOSTILE: list[Callable[[int], Awaitable[object]]] = [flood_tiny_bitmaps, flood_connections]
 
 
 def test_descriptor_limited_destination_survives_hostile_peers(tmp_path: Path) -> None:
@@ -206,8 +221,12 @@ def test_descriptor_limited_destination_survives_hostile_peers(tmp_path: Path) -
         port = int(line.split()[2].rsplit(":", 1)[1])
 
         async def main() -> str:
-            await asyncio.gather(*(h(port) for h in HOSTILE))
-            return await honest_migration(port)
+            held = await asyncio.gather(*(h(port) for h in HOSTILE))
+            try:
+                return await honest_migration(port)
+            finally:
+                for w in (w for x in held if isinstance(x, list) for w in x):
+                    w.transport.abort()
 
         want = asyncio.run(main())
         fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
