@@ -18,6 +18,7 @@ local bitmig = Proto("bitmig", "bitmig dirty bitmap migration")
 local KINDS = {
     [1] = "hello", [2] = "start", [3] = "ready", [4] = "bits", [5] = "zeroes",
     [6] = "complete", [7] = "ack", [8] = "error", [9] = "end", [10] = "mark",
+    [11] = "spans",
 }
 local ENCODINGS = {
     [0x00] = "raw", [0x01] = "positions", [0x02] = "runs",
@@ -53,6 +54,9 @@ local f = {
     token = ProtoField.bytes("bitmig.token", "Resume token"),
     have = ProtoField.bytes("bitmig.have", "Chunks held (encoded mask)"),
     have_enc = ProtoField.uint8("bitmig.have_enc", "Encoding of have", base.HEX, ENCODINGS),
+    runs = ProtoField.string("bitmig.runs", "Runs (first+count, ...)"),
+    run_count = ProtoField.uint32("bitmig.run_count", "Runs", base.DEC),
+    run_chunks = ProtoField.uint64("bitmig.run_chunks", "Chunks in runs", base.DEC),
     other = ProtoField.string("bitmig.field", "Field"),
 }
 bitmig.fields = f
@@ -100,6 +104,34 @@ local function mp_read(tvb, off)
     error(string.format("unsupported msgpack type 0x%02x", b))
 end
 
+-- A spans frame's run list: LEB128 numbers in (skip, count) pairs (PROTOCOL.md, SPANS).
+-- Returns the runs as "first+count" strings, their number and the chunks they cover.
+local MAX_SHOWN_RUNS = 64
+local function spans_runs(tvb, off, len)
+    local vals, v, shift = {}, 0, 0
+    for i = 0, len - 1 do
+        local b = tvb(off + i, 1):uint()
+        v = v + (b % 128) * 2 ^ shift
+        shift = shift + 7
+        if b < 128 then
+            vals[#vals + 1] = v
+            v, shift = 0, 0
+        end
+    end
+    if shift ~= 0 or #vals % 2 ~= 0 then error("spans.runs is not (skip, count) pairs") end
+    local out, pos, chunks = {}, 0, 0
+    for i = 1, #vals, 2 do
+        local first = pos + vals[i]
+        if #out < MAX_SHOWN_RUNS then
+            out[#out + 1] = string.format("%.0f+%.0f", first, vals[i + 1])
+        end
+        pos = first + vals[i + 1]
+        chunks = chunks + vals[i + 1]
+    end
+    if #vals / 2 > MAX_SHOWN_RUNS then out[#out + 1] = "..." end
+    return table.concat(out, ", "), #vals / 2, chunks
+end
+
 local function frame_len(tvb, pinfo, offset)
     return 4 + tvb(offset, 4):uint()
 end
@@ -145,6 +177,13 @@ local function dissect_frame(tvb, pinfo, tree)
                     summary[#summary + 1] = "payload=" .. val .. "B"
                 elseif key == "digest" or key == "token" or key == "have" then
                     item:add(f[key], tvb(bin_off, val))
+                elseif key == "runs" then
+                    local text, n, chunks = spans_runs(tvb, bin_off, val)
+                    item:add(f.runs, tvb(bin_off, val), text)
+                    item:add(f.run_count, range, n)
+                    item:add(f.run_chunks, range, UInt64(chunks))
+                    summary[#summary + 1] = "runs=" .. n .. " chunks=" .. string.format(
+                        "%.0f", chunks)
                 else
                     item:add(f.other, range, key .. ": <" .. val .. " bytes>")
                 end

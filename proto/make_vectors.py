@@ -61,10 +61,12 @@ from bitmig.protocol.events import (
     Hello,
     Mark,
     Ready,
+    Spans,
     Start,
     Zeroes,
 )
 from bitmig.protocol.framing import pieces
+from bitmig.protocol.runs import encode_runs
 from bitmig.protocol.spec import Encoding, ErrorCode, Kind
 from bitmig.protocol.state import Role
 from bitmig.session.memory import MemoryDestination
@@ -273,6 +275,21 @@ def build() -> None:
           [Bits(0, 0, 1, int(Encoding.POSITIONS), b"")], streaming())
     valid("zeroes", "zeroes: chunks 0..3 are all clear (no payload).", D,
           [Zeroes(0, 0, NCHUNKS)], streaming())
+
+    # ---- spans: many runs in one frame (capability spans-v1)
+    sp = np.concatenate([sparse, last])  # chunk 0 (sparse) and chunk 3 (short, 232 bytes)
+    enc_sp, data_sp = encodings.encode(sp)
+    valid("spans_two_runs", "spans: chunks 0 and 3 in one frame. runs = (skip 0, count 1), "
+          "(skip 2, count 1) = 00 01 02 01; the payload is the 256 + 232 serialized bytes of "
+          "the two runs, concatenated, then encoded as one (here POSITIONS).", D,
+          [Spans(0, encode_runs(np.array([0, 3]), np.array([1, 1])), int(enc_sp),
+                 bytes(data_sp))], streaming())
+    valid("spans_raw_three_runs", "spans with a RAW payload: chunk 0, chunks 2..3 (two runs "
+          "apart would do too; runs may also touch). 256 + 256 + 232 = 744 bytes verbatim.",
+          D, [Spans(0, encode_runs(np.array([0, 2, 3]), np.array([1, 1, 1])),
+                    int(Encoding.RAW), np.concatenate([dense, sparse, last]).tobytes())],
+          streaming())
+
 
     # ---- complete / ack / error / end
     bm = DirtyBitmap(DISK, GRAN, CHUNK)
@@ -507,6 +524,50 @@ def build() -> None:
                f"bits frame covers 5242880 bytes, limit is {spec.MAX_FRAME_PAYLOAD}",
                ErrorCode.CHUNK_RANGE)
 
+    # ---- spans errors: the run list is a field (bad_field), then ranges, then payload
+    def spans_err(name: str, desc: str, runs: bytes, data: bytes, code: ErrorCode, msg: str,
+                  enc: int = Encoding.POSITIONS, st: Start | None = None,
+                  by: str = "connection") -> None:
+        ev = Spans(0, runs, int(enc), data)
+        add(name, desc, D, encode_bytes(ev), [ev] if code is not ErrorCode.BAD_FIELD else [
+            map_json(event_to_map(ev))], streaming(st), error=(code, msg), detected_by=by)
+
+    lebs = encodings.leb128_encode
+    spans_err("spans_runs_odd", "The run list must hold (skip, count) pairs: 3 numbers.",
+              lebs(np.array([0, 1, 2])), b"", ErrorCode.BAD_FIELD, "must be (skip, count) pairs")
+    spans_err("spans_runs_zero_count", "A run of 0 chunks.", lebs(np.array([0, 1, 1, 0])),
+              b"", ErrorCode.BAD_FIELD, "a run of 0 chunks")
+    spans_err("spans_runs_truncated", "The run list ends inside a varint.", b"\x00\x81",
+              b"", ErrorCode.BAD_FIELD, "ends inside a varint")
+    spans_err("spans_runs_too_many", f"{spec.MAX_SPAN_RUNS + 1} runs: more than "
+              "MAX_SPAN_RUNS, refused before the geometry is looked at.",
+              lebs(np.tile([0, 1], spec.MAX_SPAN_RUNS + 1)), b"", ErrorCode.BAD_FIELD,
+              f"allowed at most {spec.MAX_SPAN_RUNS}")
+    spans_err("spans_chunk_range", "A run past the last chunk: chunks 0 and 3..4 of a "
+              "4-chunk bitmap.", encode_runs(np.array([0, 3]), np.array([1, 2])), b"",
+              ErrorCode.CHUNK_RANGE, "spans run ends at chunk 5, outside [0, 4)")
+    spans_err("spans_payload_limit", "Runs covering more than MAX_FRAME_PAYLOAD: 3 + 2 chunks "
+              "of 1 MiB.", encode_runs(np.array([0, 4]), np.array([3, 2])), b"",
+              ErrorCode.CHUNK_RANGE, f"spans frame covers 5242880 bytes, limit is "
+              f"{spec.MAX_FRAME_PAYLOAD}", st=big)
+    spans_err("spans_bad_payload_longer_than_raw", "The payload may not be longer than the "
+              "runs' raw bytes (256 + 232).", encode_runs(np.array([0, 3]), np.array([1, 1])),
+              bytes(489), ErrorCode.BAD_PAYLOAD, "encoded payload of 489 bytes exceeds the "
+              "488 raw bytes")
+    spans_err("spans_bad_payload_raw_length", "A RAW payload must be exactly the runs' raw "
+              "bytes (512 here).", encode_runs(np.array([0, 2]), np.array([1, 1])),
+              bytes(511), ErrorCode.BAD_PAYLOAD, "raw payload of 511 bytes, expected 512",
+              enc=Encoding.RAW, by="assembly")
+    spans_err("spans_bad_payload_padding_bit", "Payload bit 256 x 8 + 1850 is padding bit "
+              "1850 of chunk 3 (the second run).",
+              encode_runs(np.array([0, 3]), np.array([1, 1])),
+              lebs(np.array([256 * 8 + 1850])), ErrorCode.BAD_PAYLOAD,
+              "bits set past the end of the disk", by="assembly")
+    unexpected("unexpected_spans_before_ready", "spans before the destination's ready.", D,
+               Spans(0, encode_runs(np.array([0]), np.array([1])), int(Encoding.POSITIONS),
+                     b""), (*OPEN, (S, start())),
+               "source may not send spans for bitmap 0 in state started")
+
     # ---- payload errors
     def payload(name: str, desc: str, first: int, count: int, enc: int, data: bytes, msg: str,
                 by: str = "assembly") -> None:
@@ -605,6 +666,8 @@ def session_log_full() -> list[tuple[str, Event, bytes, str]]:
     live.set_bits(10, 20)
     live.set_many(np.array([2100, 7000, 7989]))
     plans = {0: Planner(small, 0, 512), 1: Planner(live, 1, 512)}
+    for p in plans.values():
+        p.spans = True  # both peers announce spans-v1
     send(S, Hello(1, 1, S, spec.CAPABILITIES, AGENT), "source offers versions 1..1")
     send(D, Hello(1, 1, D, spec.CAPABILITIES, AGENT), "destination chose version 1")
     send(S, Start(0, "drive0", "small", small.disk_size, GRAN, 8, True, False, False),
@@ -622,9 +685,10 @@ def session_log_full() -> list[tuple[str, Event, bytes, str]]:
     for first, count in plans[1].dirty_runs():
         for f in plans[1].take(first, count):
             send(S, f, "dirty pass 1 (bits 5000..5002 were written after the bulk pass)")
-    live.set_bits(300, 301)  # one more write, then the source freezes both bitmaps
+    live.set_bits(300, 301)  # two more writes (chunks 0 and 3), then the source freezes
+    live.set_bits(7500, 7501)
     for f in plans[1].take_dirty():
-        send(S, f, "frozen completion: the last dirty chunk")
+        send(S, f, "frozen completion: the last dirty chunks, 0 and 3, in one spans frame")
     send(S, Complete(1, tree_digest(live.words.data), live.count()),
          f"live bitmap: {live.count()} bits set")
     for f in plans[0].take_all():
@@ -635,7 +699,7 @@ def session_log_full() -> list[tuple[str, Event, bytes, str]]:
     asm = {0: Assembly(next(e for w, e, _, _ in log if type(e) is Start and e.id == 0)),
            1: Assembly(next(e for w, e, _, _ in log if type(e) is Start and e.id == 1))}
     for _, e, _, _ in log:
-        if type(e) in (Bits, Zeroes):
+        if type(e) in (Bits, Zeroes, Spans):
             asm[e.id].apply(e)
     for i in (1, 0):
         c = next(e for _, e, _, _ in log if type(e) is Complete and e.id == i)

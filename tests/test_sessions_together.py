@@ -23,8 +23,9 @@ from bitmig.protocol import spec
 from bitmig.protocol.codec import decode_body
 from bitmig.protocol.connection import Connection
 from bitmig.protocol.errors import ProtocolError, RemoteProtocolError
-from bitmig.protocol.events import Ack, Bits, Error, Ready, Start, Zeroes
+from bitmig.protocol.events import Ack, Bits, Error, Ready, Spans, Start, Zeroes
 from bitmig.protocol.have import decode_have
+from bitmig.protocol.runs import decode_runs
 from bitmig.protocol.state import ConnState, Role
 from bitmig.session import destination as ds
 from bitmig.session import source as s
@@ -129,6 +130,7 @@ class Link:
         1 << 30, durable=False, resume_timeout=RESUME))
     store: Store = field(default_factory=Store)
     now: float = 0.0
+    rate: float = RATE  # bytes per second of this link
     writer: Callable[[Link, float], None] | None = None  # writes for dt seconds
     cut_at: int | None = None  # drop the connection after this many source frames
     drop_ack: bool = False  # the first ack is lost with its connection
@@ -188,9 +190,11 @@ class Link:
                 data = b"".join(bytes(b) for b in a.buffers)
                 for f in split(data):
                     ev = decode_body(f)
-                    if type(ev) in (Bits, Zeroes):
+                    if type(ev) in (Bits, Zeroes, Spans):
                         k = (len(self.dests), ev.id)
-                        self.wire_chunks[k] = self.wire_chunks.get(k, 0) + ev.count
+                        n = ev.count if type(ev) is not Spans else int(
+                            decode_runs(ev.runs)[1].sum())
+                        self.wire_chunks[k] = self.wire_chunks.get(k, 0) + n
                 self.to_dest(data)
             elif t is s.WantWrite:
                 self.queue.append(self.session.writable)
@@ -226,7 +230,7 @@ class Link:
     def to_dest(self, data: bytes) -> None:
         if self.dest is None:
             return
-        self.advance(self.now + len(data) / RATE)
+        self.advance(self.now + len(data) / self.rate)
         pos = 0
         while pos < len(data):  # whole frames, one at a time, so a cut may fall anywhere
             if self.cut_at is not None and self.frames_up == self.cut_at:
@@ -297,9 +301,9 @@ def outgoing(name: str, bm: DirtyBitmap) -> OutgoingBitmap:
     return OutgoingBitmap("drive0", name, bm, name.encode().ljust(spec.TOKEN_BYTES, b"t"))
 
 
-def link(*bms: tuple[str, DirtyBitmap], **kw) -> Link:
+def link(*bms: tuple[str, DirtyBitmap], rate: float = RATE, **kw) -> Link:
     return Link(SourceSession([outgoing(n, b) for n, b in bms], "dest:1",
-                              MigrationOptions(**{**OPTS, **kw})))
+                              MigrationOptions(**{**OPTS, **kw})), rate=rate)
 
 
 def digests(bm: DirtyBitmap) -> tuple[bytes, bytes]:
@@ -339,7 +343,8 @@ def bits_of(bm: DirtyBitmap) -> np.ndarray:
 def test_mutated_bitmaps_converge_freeze_and_arrive_whole() -> None:
     a, b = bitmap(1), bitmap(2)
     initial = [bits_of(a), bits_of(b)]
-    w = Writer(3, 800, a, b)  # 2 x 800 chunks/s dirtied vs 4096 chunks/s of link
+    w = Writer(3, 1600, a, b)  # 2 x 1600 chunks/s dirtied vs 4096 chunks/s of link (spans
+    # frames and compression on this slow link make a pass cheap: fewer writes converge at once)
     lk = link(("a", a), ("b", b))
     lk.writer = w
     result = lk.run()
@@ -375,7 +380,7 @@ def test_small_bitmaps_skip_the_live_phase() -> None:
     freeze = next(i for i, a in enumerate(lk.actions) if type(a) is s.Freeze)
     early = [decode_body(f) for a in lk.actions[:freeze] if type(a) is s.Send
              for f in split(b"".join(bytes(x) for x in a.buffers))]
-    assert {ev.id for ev in early if type(ev) in (Bits, Zeroes)} == {3}
+    assert {ev.id for ev in early if type(ev) in (Bits, Zeroes, Spans)} == {3}
     for i, bm in enumerate(small):
         assert_same(lk, f"s{i}", bm)
     assert_same(lk, "big", big)
@@ -594,3 +599,81 @@ def test_resume_with_small_bitmaps_after_a_cut_at_every_frame_boundary() -> None
         for name, bm in zip(("s0", "s1", "big"), bms, strict=True):
             assert_same(lk, name, bm)
         lk.assert_intake_empty()
+
+
+# -- spans frames and compression by link rate ---------------------------------------------
+
+def sent_frames(lk: Link, after: int = 0) -> list:
+    return [decode_body(f) for a in lk.actions[after:] if type(a) is s.Send
+            for f in split(b"".join(bytes(x) for x in a.buffers))]
+
+
+def test_scattered_dirty_chunks_travel_in_spans_frames() -> None:
+    """A guest writing all over the bitmap dirties scattered chunks: the dirty passes and
+    the completion carry them in a few spans frames, not one frame per chunk."""
+    a = bitmap(11, density=0.1)
+    initial = bits_of(a)
+    w = Writer(12, 20000, a)
+    lk = link(("a", a), frame_payload=64 << 10, max_passes=3)
+    lk.writer = w
+    result = lk.run()
+    assert result.ok, result.error
+    bulk_end = next(i for i, x in enumerate(lk.actions)
+                    if type(x) is s.Note and x.kind == "phase" and x.fields["phase"] == "dirty")
+    late = [f for f in sent_frames(lk, bulk_end) if type(f) in (Bits, Zeroes, Spans)]
+    chunks = sum(int(decode_runs(f.runs)[1].sum()) if type(f) is Spans else f.count
+                 for f in late)
+    assert any(type(f) is Spans for f in late)
+    assert chunks > 4 * len(late), (chunks, len(late))
+    assert_same(lk, "a", a)
+    assert np.array_equal(bits_of(a), w.written[0] | initial)
+
+
+def test_a_destination_without_spans_gets_bits_frames(monkeypatch: pytest.MonkeyPatch,
+                                                       ) -> None:
+    """An older destination does not announce spans-v1: the source sends bits frames."""
+    monkeypatch.setattr(ds.spec, "CAPABILITIES", ("encodings-v1", "tree-blake3"))
+    a = bitmap(13, density=0.001)
+    lk = link(("a", a), frame_payload=64 << 10)
+    lk.writer = Writer(14, 3000, a)
+    result = lk.run()
+    assert result.ok, result.error
+    kinds = {type(f) for f in sent_frames(lk)}
+    assert Spans not in kinds and Bits in kinds
+    assert_same(lk, "a", a)
+
+
+def zlib_raw(frames: list) -> int:
+    return sum(1 for f in frames if type(f) in (Bits, Spans)
+               and f.enc == spec.Encoding.RAW | spec.Encoding.ZLIB)
+
+
+def test_a_slow_link_gets_deflated_raw_payloads() -> None:
+    """The first bulk window goes out raw, followed by a mark; once its echo measured a
+    4 MiB/s link, mid-density windows are deflated."""
+    a = bitmap(15, density=0.1)
+    lk = link(("a", a), frame_payload=16 << 10)
+    result = lk.run()
+    assert result.ok, result.error
+    frames = sent_frames(lk)
+    data = [i for i, f in enumerate(frames) if type(f) is Bits]
+    assert type(frames[data[0] + 1]) is spec_mark()
+    assert frames[data[0]].enc == spec.Encoding.RAW  # not measured yet
+    assert zlib_raw(frames) >= len(data) - 2
+    assert result.bytes_sent < 0.7 * a.serialized_size
+    assert_same(lk, "a", a)
+
+
+def test_a_fast_link_gets_nothing_deflated_that_was_raw() -> None:
+    a = bitmap(15, density=0.1)
+    lk = link(("a", a), rate=2e9, frame_payload=16 << 10)
+    result = lk.run()
+    assert result.ok, result.error
+    assert zlib_raw(sent_frames(lk)) == 0
+    assert result.bytes_sent > a.serialized_size
+    assert_same(lk, "a", a)
+
+
+def spec_mark() -> type:
+    from bitmig.protocol.events import Mark
+    return Mark

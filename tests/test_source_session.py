@@ -29,6 +29,7 @@ from bitmig.protocol.events import (
     Hello,
     Mark,
     Ready,
+    Spans,
     Start,
     Zeroes,
 )
@@ -82,7 +83,7 @@ class ScriptedDest:
                                             Role.DESTINATION, spec.CAPABILITIES))
             elif t is Start:
                 out += self._start(ev)
-            elif t in (Bits, Zeroes) and ev.id in self.asm:
+            elif t in (Bits, Zeroes, Spans) and ev.id in self.asm:
                 self.asm[ev.id].apply(ev)
             elif t is Mark:
                 self.marks += 1

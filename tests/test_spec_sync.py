@@ -257,7 +257,7 @@ def test_completion_order_matches_section_12() -> None:
     frames = example_frames()
     last_mark = max(n for n, (s, k, _) in frames.items() if (s, k) == ("D", "mark"))
     seq = [(k, f["id"]) for n, (s, k, f) in sorted(frames.items())
-           if n > last_mark and s == "S" and k in ("bits", "zeroes", "complete")]
+           if n > last_mark and s == "S" and k in ("bits", "zeroes", "spans", "complete")]
     completed: list[str] = []
     for kind, bid in seq:
         assert bid not in completed, f"frames for bitmap {bid} after its complete"

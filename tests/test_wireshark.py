@@ -57,10 +57,16 @@ def test_tshark_lua_dissector_matches_trace(request: pytest.FixtureRequest) -> N
         [Kind(int(k)).name.lower() for k in kinds]
 
     # header fields and payload lengths, in the order of the trace's frames
-    bits = [r for r in trace if r["kind"] == "bits"]
+    bits = [r for r in trace if r["kind"] in ("bits", "spans")]
     assert [int(v) for v in values(tshark(cap, port, "-T", "fields", "-e",
                                           "bitmig.payload_len"))] == \
         [r["payload_len"] for r in bits]
+    # spans frames: the runs decoded from the run list cover the chunks the trace counts
+    spans = [r for r in trace if r["kind"] == "spans"]
+    assert spans, "the demo's dirty pass and completion travel in spans frames"
+    for field, key in (("bitmig.run_count", "runs"), ("bitmig.run_chunks", "chunks")):
+        got = values(tshark(cap, port, "-T", "fields", "-e", field))
+        assert [int(v) for v in got] == [r[key] for r in spans], field
     firsts = values(tshark(cap, port, "-Y", "bitmig.kind == 5", "-T", "fields",
                            "-e", "bitmig.first"))
     assert [int(v) for v in firsts] == \

@@ -8,7 +8,8 @@ from bitmig.core.bitmap import DirtyBitmap
 from bitmig.core.digest import DigestCache
 from bitmig.protocol import encodings
 from bitmig.protocol.errors import RemoteProtocolError
-from bitmig.protocol.events import Bits, Complete, Start, Zeroes
+from bitmig.protocol.events import Bits, Complete, Spans, Start, Zeroes
+from bitmig.protocol.runs import decode_runs, raw_bytes, spread
 from bitmig.protocol.spec import ErrorCode
 
 
@@ -32,7 +33,10 @@ class Assembly:
             asm.received[:] = True
         return asm
 
-    def apply(self, frame: Bits | Zeroes) -> None:
+    def apply(self, frame: Bits | Zeroes | Spans) -> None:
+        if type(frame) is Spans:
+            self.apply_spans(frame)
+            return
         bm = self.bitmap
         first, count = frame.first, frame.count
         if type(frame) is Zeroes:
@@ -48,6 +52,22 @@ class Assembly:
             except ValueError as e:
                 raise RemoteProtocolError(ErrorCode.BAD_PAYLOAD, str(e), frame.id) from None
         self.received[first : first + count] = True
+
+    def apply_spans(self, frame: Spans) -> tuple[np.ndarray, np.ndarray]:
+        """Decode a spans frame's payload once and store all its runs in one numpy pass
+        (the connection checked the runs against the geometry). Returns the runs."""
+        bm = self.bitmap
+        firsts, counts = decode_runs(frame.runs)
+        try:
+            raw = raw_bytes(firsts, counts, bm.serialized_size, bm.chunk_size)
+            words = encodings.decode(frame.enc, frame.data, raw)
+            bm.deserialize_runs(firsts, counts, words)
+        except RemoteProtocolError as e:
+            raise RemoteProtocolError(e.code, e.message, frame.id) from None
+        except ValueError as e:
+            raise RemoteProtocolError(ErrorCode.BAD_PAYLOAD, str(e), frame.id) from None
+        self.received[spread(firsts, counts)] = True
+        return firsts, counts
 
     def missing(self) -> int:
         return int(self.received.size - np.count_nonzero(self.received))

@@ -23,6 +23,7 @@ from bitmig.protocol.geometry import (  # re-exported: callers know them from he
     chunk_count,
     serialized_size,
 )
+from bitmig.protocol.runs import spread
 
 Buffer = Any  # bytes, bytearray, memoryview or ndarray (collections.abc.Buffer is 3.12+)
 
@@ -383,6 +384,40 @@ class DirtyBitmap:
         if first + count == self.nchunks and int(src[-1]) & ~int(self._tail_mask):
             raise ValueError("bits set past the end of the disk")
         self._store(first, count, src, fresh)
+
+    # -- many runs at once (spans frames) ---------------------------------------------
+
+    def run_word_indices(self, firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Indices of the words of chunk runs (ascending, disjoint, inside the bitmap)."""
+        if firsts.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        end = int(firsts[-1] + counts[-1])
+        if int(firsts[0]) < 0 or end > self.nchunks:
+            raise RangeError(f"runs [{int(firsts[0])}, {end}) outside [0, {self.nchunks})")
+        starts = firsts * self.chunk_words
+        lens = np.minimum((firsts + counts) * self.chunk_words, self.nwords) - starts
+        return spread(starts, lens)
+
+    def gather_runs(self, firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The words of chunk runs, concatenated (a copy: the runs are scattered)."""
+        return self.words[self.run_word_indices(firsts, counts)]
+
+    def deserialize_runs(self, firsts: np.ndarray, counts: np.ndarray, data: Buffer) -> None:
+        """Overwrite chunk runs with their concatenated serialized bytes, in one pass."""
+        idx = self.run_word_indices(firsts, counts)
+        src = np.frombuffer(data, dtype=WORD)
+        if src.size != idx.size:
+            raise ValueError(f"expected {idx.size * 8} bytes for {firsts.size} runs, "
+                             f"got {src.nbytes}")
+        if idx.size and int(idx[-1]) == self.nwords - 1 and \
+                int(src[-1]) & ~int(self._tail_mask):
+            raise ValueError("bits set past the end of the disk")
+        before = int(np.bitwise_count(self.words[idx]).sum())
+        self.words[idx] = src
+        self._count += int(np.bitwise_count(src).sum()) - before
+        for t in self._trackers:
+            if t is not self.meta:
+                t.mark_words(idx)
 
     def deserialize_zeroes(self, first: int, count: int) -> None:
         self._store(first, count, 0)

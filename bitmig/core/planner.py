@@ -16,11 +16,12 @@ import numpy as np
 
 from bitmig.core import defaults
 from bitmig.core.bitmap import DirtyBitmap
-from bitmig.protocol import encodings
-from bitmig.protocol.events import Bits, Zeroes
+from bitmig.protocol import encodings, spec
+from bitmig.protocol.events import Bits, Spans, Zeroes
+from bitmig.protocol.runs import encode_runs, spread
 from bitmig.protocol.spec import Encoding
 
-Frame = Bits | Zeroes
+Frame = Bits | Zeroes | Spans
 
 
 def runs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +57,24 @@ class Planner:
         self.bitmap = bitmap
         self.id = bitmap_id
         self.max_chunks = max(1, frame_payload // bitmap.chunk_size)
+        self.frame_payload = max(frame_payload, bitmap.chunk_size)
+        # Set by the session: the peer accepts spans frames (it announced spec.CAP_SPANS),
+        # and the link's measured rate in bytes/s (0: not measured yet).
+        self.spans = False
+        self.link_rate = 0.0
+        self.assume_slow = False  # not measured yet: compress as on a slow link meanwhile
+
+    def raw_keep_below(self) -> float:
+        """Deflate RAW payloads (keeping the result below this fraction of raw) only on a
+        slow link: compressing pays when sending n raw bytes takes longer than compressing
+        them and sending the m left, i.e. m < n x (1 - link / deflate rate)."""
+        rate = self.link_rate or (defaults.DEFLATE_BELOW if self.assume_slow else 0.0)
+        if not 0 < rate <= defaults.DEFLATE_BELOW:
+            return 0.0
+        return 1.0 - rate / defaults.DEFLATE_RATE
+
+    def _encode(self, words: np.ndarray) -> tuple[int, bytes | memoryview]:
+        return encodings.encode(words, self.raw_keep_below())
 
     # -- one run of chunks -> frames --------------------------------------------------
 
@@ -65,7 +84,7 @@ class Planner:
         words = bm.chunk_words_view(first, count)
         if not words.any():
             return [Zeroes(self.id, first, count)]
-        enc, data = encodings.encode(words)
+        enc, data = self._encode(words)
         if enc != Encoding.RAW or count == 1:
             return [Bits(self.id, first, count, enc, data)]
         # Raw pays a kilobyte per zero chunk: send zero stretches as zeroes frames instead.
@@ -85,7 +104,7 @@ class Planner:
         return frames
 
     def _bits(self, first: int, count: int) -> Bits:
-        enc, data = encodings.encode(self.bitmap.chunk_words_view(first, count))
+        enc, data = self._encode(self.bitmap.chunk_words_view(first, count))
         return Bits(self.id, first, count, enc, data)
 
     def _nonzero(self, first: int, count: int) -> np.ndarray:
@@ -136,12 +155,39 @@ class Planner:
         self.bitmap.meta.flags[first : first + count] = False
         return self.encode_run(first, count)
 
+    def take_runs(self, runs: list[tuple[int, int]]) -> list[Frame]:
+        """Frames for runs (ascending, each at most one frame's worth) of a dirty pass or
+        the completion; clears their meta bits. With a peer that accepts spans frames,
+        scattered runs travel together: each group of runs up to the frame payload and
+        MAX_SPAN_RUNS becomes one spans frame (a group of one run, one bits frame)."""
+        if not runs:
+            return []
+        if not self.spans:
+            return [f for first, count in runs for f in self.take(first, count)]
+        arr = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+        firsts, counts = arr[:, 0], arr[:, 1]
+        ends = np.cumsum(counts * self.bitmap.chunk_size)  # raw bytes up to each run's end
+        frames: list[Frame] = []
+        a = 0
+        while a < firsts.size:  # one iteration per frame, not per run
+            base = int(ends[a - 1]) if a else 0
+            b = int(np.searchsorted(ends, base + self.frame_payload, side="right"))
+            b = min(max(b, a + 1), a + spec.MAX_SPAN_RUNS)
+            frames.extend(self._take_group(firsts[a:b], counts[a:b]))
+            a = b
+        return frames
+
+    def _take_group(self, firsts: np.ndarray, counts: np.ndarray) -> list[Frame]:
+        if firsts.size == 1:
+            return self.take(int(firsts[0]), int(counts[0]))
+        bm = self.bitmap
+        bm.meta.flags[spread(firsts, counts)] = False
+        enc, data = self._encode(bm.gather_runs(firsts, counts))
+        return [Spans(self.id, encode_runs(firsts, counts), enc, data)]
+
     def take_dirty(self) -> list[Frame]:
         """Every dirty chunk now (completion, when mutations are held)."""
-        frames: list[Frame] = []
-        for first, count in self.dirty_runs():
-            frames.extend(self.take(first, count))
-        return frames
+        return self.take_runs(self.dirty_runs())
 
     def take_all(self) -> list[Frame]:
         """The whole bitmap at once (small bitmaps, sent at completion)."""

@@ -12,7 +12,8 @@ import time
 import zlib
 from typing import IO, Any
 
-from bitmig.protocol.events import Event
+from bitmig.protocol.events import Event, Spans
+from bitmig.protocol.runs import decode_runs
 from bitmig.protocol.spec import FIELDS
 
 
@@ -35,6 +36,10 @@ def frame_record(direction: str, peer: str, event: Event, nbytes: int) -> dict[s
             fields[f.name] = list(v)
         elif v is not None:
             fields[f.name] = v
+    if type(event) is Spans:  # what a bits frame's count says: the chunks it carries
+        _firsts, counts = decode_runs(event.runs)
+        rec["runs"] = int(counts.size)
+        rec["chunks"] = int(counts.sum())
     return rec
 
 

@@ -8,7 +8,8 @@ import msgpack
 
 from bitmig.protocol import spec
 from bitmig.protocol.errors import RemoteProtocolError
-from bitmig.protocol.events import EVENT_TYPES, Bits, Event
+from bitmig.protocol.events import EVENT_TYPES, Bits, Event, Spans
+from bitmig.protocol.runs import decode_runs
 from bitmig.protocol.spec import ErrorCode, Field, Kind
 
 _PREFIX = spec.LENGTH_PREFIX
@@ -38,7 +39,20 @@ def event_to_map(event: Event) -> dict[str, Any]:
 
 
 _BITS_HEAD_KEYS = [msgpack.packb(k) for k in (spec.KIND_FIELD, "id", "first", "count", "enc")]
+_SPANS_HEAD_KEYS = [msgpack.packb(k) for k in (spec.KIND_FIELD, "id", "runs", "enc")]
 _DATA_KEY = msgpack.packb("data")
+
+
+def _spans_head(event: Spans, nbytes: int) -> bytes:
+    runs = bytes(event.runs)
+    return b"".join((
+        b"\x85",  # fixmap of 5 entries
+        _SPANS_HEAD_KEYS[0], msgpack.packb(int(Kind.SPANS)),
+        _SPANS_HEAD_KEYS[1], msgpack.packb(event.id),
+        _SPANS_HEAD_KEYS[2], _bin_header(len(runs)), runs,
+        _SPANS_HEAD_KEYS[3], msgpack.packb(event.enc),
+        _DATA_KEY, _bin_header(nbytes),
+    ))
 
 
 def encode(event: Event) -> list[bytes | memoryview]:
@@ -60,6 +74,10 @@ def encode(event: Event) -> list[bytes | memoryview]:
                 _DATA_KEY, _bin_header(data.nbytes),
             )
         )
+        return [_PREFIX.pack(len(head) + data.nbytes) + head, data]
+    if type(event) is Spans:
+        data = memoryview(event.data).cast("B")
+        head = _spans_head(event, data.nbytes)
         return [_PREFIX.pack(len(head) + data.nbytes) + head, data]
     body = msgpack.packb(event_to_map(event), use_bin_type=True)
     return [_PREFIX.pack(len(body)) + body]
@@ -145,5 +163,7 @@ def decode_body(body: bytes | memoryview) -> Event:
                 raise _bad(f"{kind.name.lower()} frame lacks the field {f.name!r}")
             continue
         values[f.name] = _check_field(kind, f, obj[f.name])
+    if kind is Kind.SPANS:
+        decode_runs(values["runs"])  # its structure is part of the field's check
     # Unknown fields are ignored: that is how later versions extend a frame.
     return EVENT_TYPES[kind](**values)

@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from bitmig.protocol import geometry, spec
 from bitmig.protocol.codec import decode_body, encode
 from bitmig.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from bitmig.protocol.events import BitmapFailed, Bits, Error, Event, Hello, Received, Start, Zeroes
+from bitmig.protocol.events import (
+    BitmapFailed,
+    Bits,
+    Error,
+    Event,
+    Hello,
+    Received,
+    Spans,
+    Start,
+    Zeroes,
+)
+from bitmig.protocol.runs import decode_runs, raw_bytes
 from bitmig.protocol.spec import ErrorCode, Kind, Role
 from bitmig.protocol.state import (
     BITMAP,
@@ -270,7 +281,31 @@ class Connection:
             )
         if kind in (Kind.BITS, Kind.ZEROES):
             self._check_range(event, geo, err)
+        elif kind is Kind.SPANS:
+            self._check_spans(event, geo, sender, err)
         geo.state = nxt
+
+    def peer_has(self, cap: str) -> bool:
+        """The peer announced capability `cap` in its hello."""
+        return self.peer_hello is not None and cap in self.peer_hello.caps
+
+    def _check_spans(self, event: Spans, geo: BitmapGeometry, sender: Role,
+                     err: type[ProtocolError]) -> None:
+        if sender is self.role and not self.peer_has(spec.CAP_SPANS):
+            raise err(ErrorCode.UNEXPECTED, f"spans frame to a peer without {spec.CAP_SPANS!r}")
+        firsts, counts = decode_runs(event.runs)  # well-formed: the codec checked it
+        end = int(firsts[-1] + counts[-1])
+        if end > geo.nchunks:
+            raise err(ErrorCode.CHUNK_RANGE, f"spans run ends at chunk {end}, outside "
+                                             f"[0, {geo.nchunks}) of bitmap {event.id}")
+        raw = raw_bytes(firsts, counts, geo.serialized_size, geo.start.chunk_size)
+        if raw > spec.MAX_FRAME_PAYLOAD:
+            raise err(ErrorCode.CHUNK_RANGE, f"spans frame covers {raw} bytes, limit is "
+                                             f"{spec.MAX_FRAME_PAYLOAD}")
+        n = memoryview(event.data).nbytes
+        if n > raw:
+            raise err(ErrorCode.BAD_PAYLOAD, f"encoded payload of {n} bytes exceeds the "
+                                             f"{raw} raw bytes it stands for", event.id)
 
     def _check_range(self, event: Bits | Zeroes, geo: BitmapGeometry,
                      err: type[ProtocolError]) -> None:

@@ -94,6 +94,19 @@ class Mark:
 
 
 @dataclass(frozen=True, slots=True)
+class Spans:
+    """Many runs of chunks of one bitmap in one frame: `runs` is the encoded run list
+    (bitmig.protocol.runs), `data` the runs' serialized bytes, concatenated and encoded
+    as one payload. Sent only to a peer that announced spec.CAP_SPANS."""
+
+    KIND: ClassVar[Kind] = Kind.SPANS
+    id: int
+    runs: bytes
+    enc: int
+    data: Any = field(repr=False)  # bytes-like: bytes, memoryview
+
+
+@dataclass(frozen=True, slots=True)
 class BitmapFailed:
     """Not a frame: a Connection reports that a frame from the peer broke one bitmap's
     rules (e.g. a payload that lies about its size). This side must report `error` for
@@ -105,11 +118,12 @@ class BitmapFailed:
     message: str
 
 
-Event = Hello | Start | Ready | Bits | Zeroes | Complete | Ack | Error | End | Mark
+Event = Hello | Start | Ready | Bits | Zeroes | Complete | Ack | Error | End | Mark | Spans
 
 # What Connection.receive_data returns: the peer's frames, and per-bitmap failures.
 Received = Event | BitmapFailed
 
 EVENT_TYPES: dict[Kind, type] = {
-    cls.KIND: cls for cls in (Hello, Start, Ready, Bits, Zeroes, Complete, Ack, Error, End, Mark)
+    cls.KIND: cls
+    for cls in (Hello, Start, Ready, Bits, Zeroes, Complete, Ack, Error, End, Mark, Spans)
 }

@@ -45,6 +45,9 @@ DIGEST_BLOCK = 16 * KiB  # serialized bytes per leaf of the tree digest (BLAKE3)
 MAX_ID = (1 << 32) - 1
 TOKEN_BYTES = 16  # a migration's resume token: the same on every retry of that bitmap
 MAX_U64 = (1 << 64) - 1
+MAX_SPAN_RUNS = 4096  # (first, count) runs one spans frame may carry
+MAX_VARINT_BYTES = 5  # LEB128 numbers of payloads and run lists: at most 35 bits
+MAX_RUNS_BYTES = MAX_SPAN_RUNS * 2 * MAX_VARINT_BYTES  # the spans frame's `runs` field
 
 
 class Kind(IntEnum):
@@ -60,6 +63,7 @@ class Kind(IntEnum):
     ERROR = 8
     END = 9
     MARK = 10
+    SPANS = 11  # only to a peer that announced CAP_SPANS (section 4)
 
 
 class Encoding(IntEnum):
@@ -118,7 +122,8 @@ ERROR_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.UNEXPECTED: "a valid frame arrived in a state that does not allow it",
     ErrorCode.UNKNOWN_BITMAP: "an id names no bitmap that is open on this connection",
     ErrorCode.DUPLICATE_ID: "a start frame reuses an id already used on this connection",
-    ErrorCode.CHUNK_RANGE: "first/count lie outside the bitmap or exceed MAX_FRAME_PAYLOAD",
+    ErrorCode.CHUNK_RANGE: "chunks (first/count, spans runs) lie outside the bitmap or exceed "
+                           "MAX_FRAME_PAYLOAD",
     ErrorCode.BAD_PAYLOAD: "a payload does not decode to exactly the declared chunks",
     ErrorCode.INCOMPLETE: "complete arrived before every chunk was received at least once",
     ErrorCode.DIGEST_MISMATCH: "the rebuilt bitmap's digest differs from the complete frame's",
@@ -241,6 +246,13 @@ FIELDS: dict[Kind, tuple[Field, ...]] = {
     ),
     Kind.END: (),
     Kind.MARK: (Field("seq", int, 0, MAX_U64),),
+    Kind.SPANS: (
+        _ID,
+        Field("runs", bytes, 2, MAX_RUNS_BYTES),  # structure checked by protocol.runs
+        Field("enc", int, 0, 0xFF, check=lambda v: v in VALID_ENCODINGS,
+              check_text="a known encoding"),
+        Field("data", bytes, 0, MAX_FRAME_PAYLOAD),
+    ),
 }
 
 KIND_FIELD = "kind"
@@ -259,5 +271,9 @@ class Role(StrEnum):
         return Role.DESTINATION if self is Role.SOURCE else Role.SOURCE
 
 
+# The peer that announces this capability accepts spans frames (kind 11): many runs of
+# chunks of one bitmap in one frame. A sender uses them only with a peer that announced it.
+CAP_SPANS = "spans-v1"
+
 # Capabilities this implementation announces. Unknown capabilities are ignored.
-CAPABILITIES: tuple[str, ...] = ("encodings-v1", "tree-blake3")
+CAPABILITIES: tuple[str, ...] = ("encodings-v1", "tree-blake3", CAP_SPANS)

@@ -37,7 +37,7 @@ CONNECTION: dict[tuple[ConnState, Role, Kind], ConnState] = {
     (ConnState.IDLE, S, Kind.HELLO): ConnState.GREETED,
     (ConnState.GREETED, D, Kind.HELLO): ConnState.OPEN,
     **{(ConnState.OPEN, S, k): ConnState.OPEN for k in (Kind.START, Kind.BITS, Kind.ZEROES,
-                                                          Kind.COMPLETE)},
+                                                          Kind.SPANS, Kind.COMPLETE)},
     **{(ConnState.OPEN, D, k): ConnState.OPEN for k in (Kind.READY, Kind.ACK, Kind.MARK)},
     (ConnState.OPEN, S, Kind.MARK): ConnState.OPEN,
     (ConnState.OPEN, S, Kind.END): ConnState.ENDING,
@@ -50,6 +50,7 @@ BITMAP: dict[tuple[BitmapState | None, Role, Kind], BitmapState] = {
     (BitmapState.STARTED, D, Kind.READY): BitmapState.STREAMING,
     (BitmapState.STREAMING, S, Kind.BITS): BitmapState.STREAMING,
     (BitmapState.STREAMING, S, Kind.ZEROES): BitmapState.STREAMING,
+    (BitmapState.STREAMING, S, Kind.SPANS): BitmapState.STREAMING,
     (BitmapState.STREAMING, S, Kind.COMPLETE): BitmapState.COMPLETING,
     (BitmapState.COMPLETING, D, Kind.ACK): BitmapState.DONE,
     **{(st, who, Kind.ERROR): BitmapState.FAILED

@@ -38,6 +38,7 @@ from bitmig.protocol.events import (
     Hello,
     Mark,
     Ready,
+    Spans,
     Start,
     Zeroes,
 )
@@ -423,6 +424,7 @@ class DestinationSession:
         self.finished = False  # `end` answered: the adapter closes
         self._dispatch = {
             Hello: self._hello, Start: self._start, Bits: self._apply, Zeroes: self._apply,
+            Spans: self._apply_spans,
             Complete: self._complete, Mark: self._mark, End: self._end,
             Error: self._peer_error, BitmapFailed: self._bitmap_failed,
             Allocated: self._allocated, AllocFailed: self._alloc_failed,
@@ -606,6 +608,32 @@ class DestinationSession:
             return [w]
         b.syncing, b.unsynced = True, 0
         return [w, Sync(ev.id, b.spool)]
+
+    def _apply_spans(self, ev: Spans, now: float) -> list[Action]:
+        """Many runs in one frame: one decode and one store (numpy), one digest refresh
+        over the frame's extent, one spool write per run (a contiguous range)."""
+        b = self.bitmaps.get(ev.id)
+        if b is None or b.phase is not Phase.STREAMING:
+            return []
+        asm = b.asm
+        try:
+            firsts, counts = asm.apply_spans(ev)
+        except RemoteProtocolError as e:
+            return self._refuse(ev.id, e.code, e.message)
+        bm = asm.bitmap
+        cw = bm.chunk_words
+        asm.digests.refresh(int(firsts[0]) * cw, int(firsts[-1] + counts[-1]) * cw)
+        if b.spool is None:
+            return []
+        out: list[Action] = []
+        for first, count in zip(firsts.tolist(), counts.tolist(), strict=True):
+            data = bm.serialize(first, count)
+            out.append(WriteRange(ev.id, b.spool, first * bm.chunk_size, data))
+            b.unsynced += data.nbytes
+        if b.unsynced >= self.sync_every and not b.syncing:
+            b.syncing, b.unsynced = True, 0
+            out.append(Sync(ev.id, b.spool))
+        return out
 
     def _synced(self, ev: Synced, now: float) -> list[Action]:
         b = self.bitmaps.get(ev.id)

@@ -56,10 +56,12 @@ from bitmig.protocol.events import (
     Hello,
     Mark,
     Ready,
+    Spans,
     Start,
     Zeroes,
 )
 from bitmig.protocol.have import decode_have
+from bitmig.protocol.runs import decode_runs, spread
 from bitmig.protocol.spec import ErrorCode, Role
 
 GATE_POLL = 0.05  # seconds between keep-alive marks while the freeze gate is closed
@@ -546,11 +548,15 @@ class SourceSession:
         bufs: list[bytes | memoryview] = []
         for f in frames:
             it = self.items[f.id]
-            span = slice(f.first, f.first + f.count)
+            if type(f) is Spans:
+                span: slice | np.ndarray = spread(*decode_runs(f.runs))
+                n = span.size
+            else:
+                span, n = slice(f.first, f.first + f.count), f.count
             it.unconfirmed[span] |= it.sent[span]
             it.sent[span] = True
             bufs.extend(self.conn.send(f))
-            self.result.chunks_sent += f.count
+            self.result.chunks_sent += n
             if type(f) is Zeroes:
                 self.result.zero_runs += 1
         return Send(bufs)
@@ -567,6 +573,8 @@ class SourceSession:
         self.phase = "setup"
         self._t0 = now
         self._bw = 0.0
+        self._link = 0.0  # the link's rate as measured so far (bytes/s; 0: not yet)
+        self._probe: tuple[int, int] | None = None  # (seq, bytes sent) of the link probe
         self._seq = 0
 
     def _receive(self, now: float, data: bytes | bytearray | memoryview) -> list[Action]:
@@ -596,6 +604,8 @@ class SourceSession:
             return self._on_ready(now, ev)
         if t is Mark and self.step is Step.SYNC and ev.seq == self._seq:
             return self._on_mark(now)
+        if t is Mark and self._probe is not None and ev.seq == self._probe[0]:
+            return self._on_probe(now)
         if t is Ack and self.step in (Step.DRAINING, Step.ACKS) and ev.id in self._waiting_ids:
             return self._on_ack(now, ev)
         if t is End and self.step is Step.ENDING:
@@ -642,6 +652,9 @@ class SourceSession:
                         it.out.bitmap.granularity, it.out.bitmap.chunk_size, it.out.enabled,
                         it.out.persistent, it.live, it.out.token) for it in self.items]
         self.step = Step.READY
+        assert self.conn is not None
+        for it in self.items:  # scattered chunks travel together if the peer takes spans
+            it.planner.spans = self.conn.peer_has(spec.CAP_SPANS)
         self._waiting_ids = {it.id for it in self.items}
         return [self._send(list(starts)),
                 *self._wait(now, "ready for the started bitmaps", self.opts.io_timeout)]
@@ -719,9 +732,33 @@ class SourceSession:
             # than this side, so the time is otherwise spent waiting for drain.
             cw = it.out.bitmap.chunk_words
             it.digests.refresh(frames[0].first * cw, (frames[-1].first + frames[-1].count) * cw)
+            if not self._link and not self._probe:
+                out.buffers.extend(self._start_probe())
             return [out, self.progress(now), *self._want_write(now)]
         self._bulk = None
         return self._refresh(now, self._after_bulk)
+
+    def _start_probe(self) -> list[bytes | memoryview]:
+        """A mark right after the first (raw) bulk window: its echo measures the link,
+        which decides whether payloads are compressed. Until it is back, the windows
+        that follow are compressed as on a slow link: on a fast one the echo is back
+        after a window or two; on a slow one they would otherwise sit raw in buffers."""
+        assert self.conn is not None
+        self._seq += 1
+        self._probe = (self._seq, self.conn.bytes_sent)
+        for it in self.items:
+            it.planner.assume_slow = True
+        return list(self._send([Mark(self._seq)]).buffers)
+
+    def _on_probe(self, now: float) -> list[Action]:
+        assert self._probe is not None
+        _, sent = self._probe
+        rate = (sent - self._sync_bytes) / max(now - self._sync_t, 1e-6)
+        self._link = max(self._link, rate)
+        for it in self.items:
+            it.planner.assume_slow = False
+            it.planner.link_rate = self._link
+        return [Note("link", {"bytes_per_s": rate})]
 
     def _refresh(self, now: float, then: Callable[[float], list[Action]]) -> list[Action]:
         """Bring digest leaves up to date off the session's thread (so the frozen window
@@ -760,6 +797,11 @@ class SourceSession:
             # Bytes per second since the previous sync, end to end (bytes merely queued
             # in socket buffers do not count as sent).
             self._bw = (sent - self._sync_bytes) / max(now - self._sync_t, 1e-6)
+            # The link is at least as fast as the fastest stretch measured (small dirty
+            # passes are dominated by the round trip); the planners compress by it.
+            self._link = max(self._link, self._bw)
+            for it in self.items:
+                it.planner.link_rate = self._link
         self._sync_t, self._sync_bytes = now, sent
         self._deadline = None
         then, self._after_sync = self._after_sync, None
@@ -817,13 +859,19 @@ class SourceSession:
         budget = max(1, self.opts.frame_payload // PASS_BATCH_DIVISOR)
         bufs: list[bytes | memoryview] = []
         size = 0
-        while self._plan_pos < len(self._plan) and size < budget:
-            it, first, count = self._plan[self._plan_pos]
-            self._plan_pos += 1
-            if not it.active:
-                continue
-            bufs.extend(self._write(it.planner.take(first, count)).buffers)
-            size += count * it.out.bitmap.chunk_size
+        plan = self._plan
+        while self._plan_pos < len(plan) and size < budget:
+            # Consecutive runs of one bitmap go to its planner together (spans frames).
+            it = plan[self._plan_pos][0]
+            runs: list[tuple[int, int]] = []
+            while self._plan_pos < len(plan) and plan[self._plan_pos][0] is it and \
+                    size < budget:
+                _, first, count = plan[self._plan_pos]
+                self._plan_pos += 1
+                runs.append((first, count))
+                size += count * it.out.bitmap.chunk_size
+            if it.active:
+                bufs.extend(self._write(it.planner.take_runs(runs)).buffers)
         if bufs:
             return [Send(bufs), *self._want_write(now)]
         self._plan = []

@@ -60,7 +60,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         elif t == "frame":
             kind = r["kind"]
             if not has_phases:  # infer from the frames (destination traces, captures)
-                if kind in ("bits", "zeroes") and phase == "setup":
+                if kind in ("bits", "zeroes", "spans") and phase == "setup":
                     phase = "transfer"
                 elif kind == "complete":
                     phase = "completion"
@@ -77,6 +77,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 sent[kind] += 1
                 if kind in ("bits", "zeroes"):
                     p["chunks"] += r["fields"]["count"]
+                elif kind == "spans":
+                    p["chunks"] += r["chunks"]
                 if kind == "zeroes":
                     p["zero_runs"] += 1
     for p in phases.values():
