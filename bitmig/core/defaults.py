@@ -12,11 +12,12 @@ CHUNK_SIZE = 1 * KiB  # serialized bytes per meta bit (the seed's agreed default
 FRAME_PAYLOAD = 1 * MiB  # serialized bytes the source packs into one bits frame at most
 SMALL_THRESHOLD = 1 * MiB  # bitmaps this small skip the live phase and are sent whole
 # Bytes per second zlib (Huffman only) deflates a dense payload at, measured on the
-# reference machine (2-core Xeon VM, under load: 100-110 MB/s). A RAW payload is deflated
-# only on links slower than a quarter of that: the first measured rate (one bulk window)
-# includes the destination's apply time, and a loaded machine compresses slower.
+# reference machine (2-core Xeon VM: 100-110 MB/s). A RAW payload is deflated only on
+# links slower than an eighth of that (12.5 MB/s, 100 Mbit/s): the measured rate (one
+# bulk window at first) includes the destination's apply time, which on loopback at load
+# 7-9 made it as low as 25 MB/s, and a loaded machine compresses slower.
 DEFLATE_RATE = 100e6
-DEFLATE_BELOW = DEFLATE_RATE / 4
+DEFLATE_BELOW = DEFLATE_RATE / 8
 DOWNTIME_MS = 50.0  # target for the frozen completion window
 MAX_PASSES = 30  # dirty passes before completion is forced
 CONNECT_TIMEOUT = 10.0  # seconds to establish a connection and exchange hello

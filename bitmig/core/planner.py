@@ -62,13 +62,12 @@ class Planner:
         # and the link's measured rate in bytes/s (0: not measured yet).
         self.spans = False
         self.link_rate = 0.0
-        self.assume_slow = False  # not measured yet: compress as on a slow link meanwhile
 
     def raw_keep_below(self) -> float:
         """Deflate RAW payloads (keeping the result below this fraction of raw) only on a
         slow link: compressing pays when sending n raw bytes takes longer than compressing
         them and sending the m left, i.e. m < n x (1 - link / deflate rate)."""
-        rate = self.link_rate or (defaults.DEFLATE_BELOW if self.assume_slow else 0.0)
+        rate = self.link_rate
         if not 0 < rate <= defaults.DEFLATE_BELOW:
             return 0.0
         return 1.0 - rate / defaults.DEFLATE_RATE

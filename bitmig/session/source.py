@@ -574,7 +574,6 @@ class SourceSession:
         self._t0 = now
         self._bw = 0.0
         self._link = 0.0  # the link's rate as measured so far (bytes/s; 0: not yet)
-        self._probe: tuple[int, int] | None = None  # (seq, bytes sent) of the link probe
         self._seq = 0
 
     def _receive(self, now: float, data: bytes | bytearray | memoryview) -> list[Action]:
@@ -604,8 +603,6 @@ class SourceSession:
             return self._on_ready(now, ev)
         if t is Mark and self.step is Step.SYNC and ev.seq == self._seq:
             return self._on_mark(now)
-        if t is Mark and self._probe is not None and ev.seq == self._probe[0]:
-            return self._on_probe(now)
         if t is Ack and self.step in (Step.DRAINING, Step.ACKS) and ev.id in self._waiting_ids:
             return self._on_ack(now, ev)
         if t is End and self.step is Step.ENDING:
@@ -732,33 +729,20 @@ class SourceSession:
             # than this side, so the time is otherwise spent waiting for drain.
             cw = it.out.bitmap.chunk_words
             it.digests.refresh(frames[0].first * cw, (frames[-1].first + frames[-1].count) * cw)
-            if not self._link and not self._probe:
-                out.buffers.extend(self._start_probe())
+            if not self._link:
+                # The link's rate decides whether payloads are compressed: measure it on
+                # this first window (sent raw) before the rest is queued in buffers. The
+                # source waits for the echo doing nothing else: on a shared CPU (a demo,
+                # a loaded host) work done meanwhile would slow the echo and pass for a
+                # slow link.
+                return [out, self.progress(now), *self._sync(now, self._resume_bulk)]
             return [out, self.progress(now), *self._want_write(now)]
         self._bulk = None
         return self._refresh(now, self._after_bulk)
 
-    def _start_probe(self) -> list[bytes | memoryview]:
-        """A mark right after the first (raw) bulk window: its echo measures the link,
-        which decides whether payloads are compressed. Until it is back, the windows
-        that follow are compressed as on a slow link: on a fast one the echo is back
-        after a window or two; on a slow one they would otherwise sit raw in buffers."""
-        assert self.conn is not None
-        self._seq += 1
-        self._probe = (self._seq, self.conn.bytes_sent)
-        for it in self.items:
-            it.planner.assume_slow = True
-        return list(self._send([Mark(self._seq)]).buffers)
-
-    def _on_probe(self, now: float) -> list[Action]:
-        assert self._probe is not None
-        _, sent = self._probe
-        rate = (sent - self._sync_bytes) / max(now - self._sync_t, 1e-6)
-        self._link = max(self._link, rate)
-        for it in self.items:
-            it.planner.assume_slow = False
-            it.planner.link_rate = self._link
-        return [Note("link", {"bytes_per_s": rate})]
+    def _resume_bulk(self, now: float) -> list[Action]:
+        self.step = Step.BULK
+        return [Note("link", {"bytes_per_s": self._link}), *self._want_write(now)]
 
     def _refresh(self, now: float, then: Callable[[float], list[Action]]) -> list[Action]:
         """Bring digest leaves up to date off the session's thread (so the frozen window
