@@ -225,3 +225,23 @@ def test_incompressible_raw_stays_raw_on_a_slow_link() -> None:
     p = Planner(bm, 0)
     p.link_rate = 4e6
     assert {f.enc for f in p.encode_run(0, 64)} == {int(Encoding.RAW)}
+
+
+def test_trace_records_count_the_chunks_of_spans_frames(capsys: pytest.CaptureFixture[str],
+                                                         ) -> None:
+    """A trace (or a decoded capture) counts a spans frame's chunks, and `trace show`
+    prints its run list as numbers."""
+    import argparse
+
+    from bitmig.daemon.trace_writer import frame_record
+    from bitmig.tools.trace_cli import cmd_show
+    from bitmig.tools.trace_records import summarize
+
+    ev = Spans(0, encode_runs(np.array([2, 9]), np.array([1, 3])), int(Encoding.POSITIONS),
+               b"")
+    rec = {"mono": 0.0, "wall": 0.0, "side": "source",
+           **frame_record("send", "d:1", ev, len(encode_bytes(ev)))}
+    assert (rec["runs"], rec["chunks"]) == (2, 4)
+    assert summarize([rec])["chunks_sent"] == 4
+    cmd_show(argparse.Namespace(since=None, until=None, kind=None, bitmap=None), [rec])
+    assert "runs=2 chunks=4" in capsys.readouterr().out

@@ -79,7 +79,10 @@ def cmd_show(a: argparse.Namespace, records: list[dict[str, Any]] | None = None)
                 continue
             extra = f" payload {r['payload_len']}B crc {r['payload_crc32']:08x}" \
                 if "payload_len" in r else ""
-            fields = " ".join(f"{k}={v}" for k, v in r["fields"].items())
+            shown = dict(r["fields"])
+            if "chunks" in r:  # a spans frame: its run list in numbers, not hex
+                shown["runs"] = f"{r['runs']} chunks={r['chunks']}"
+            fields = " ".join(f"{k}={v}" for k, v in shown.items())
             arrow = "->" if r["dir"] == "send" else "<-"
             print(f"{t:10.6f} {r['side'][:4]} {arrow} {r['peer']:<21} {r['kind']:<8} "
                   f"{r['bytes']:>8}B {fields}{extra}")
