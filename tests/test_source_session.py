@@ -476,6 +476,25 @@ def test_every_bitmap_refused_ends_the_attempt() -> None:
     assert result.bitmaps[0].error == "limit: x refused"
 
 
+def test_last_bitmap_failing_mid_stream_ends_the_attempt_at_once() -> None:
+    """The destination fails the only bitmap during the bulk pass (disk full): the attempt
+    ends at the next decision, not after a wait for acks that cannot come."""
+    class Full(ScriptedDest):
+        def feed(self, data: bytes) -> bytes:
+            reply = super().feed(data)
+            if 0 in self.asm and any(type(f) is Bits for f in frames(data)):
+                del self.asm[0]
+                reply += b"".join(bytes(x) for x in self.conn.error_frame(
+                    RemoteProtocolError(ErrorCode.STORAGE, "disk full", 0)))
+            return reply
+    h = Harness(session(("b", bitmap(22)), ack_timeout=600, io_timeout=600), Full())
+    result = h.run()
+    assert not result.ok and result.error == "ValueError: every bitmap of the attempt failed"
+    assert result.bitmaps[0].error == "storage: disk full"
+    assert not any(type(a) is s.Freeze for a in h.actions)  # nothing left to complete
+    assert not h.frozen and not h.handed_off
+
+
 def test_local_bitmap_failure_is_reported_and_the_rest_goes_on() -> None:
     a, b = bitmap(16), bitmap(17)
     sess = session(("a", a), ("b", b))

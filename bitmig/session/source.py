@@ -795,6 +795,9 @@ class SourceSession:
 
     def _decide(self, now: float) -> list[Action]:
         """After a sync: another dirty pass, or the freeze."""
+        if not any(it.active for it in self.items):
+            # Every bitmap failed mid-stream: nothing to complete, and no ack would come.
+            raise _AttemptFailed("ValueError: every bitmap of the attempt failed")
         if self._released:
             return self._freeze(now)  # released by hand: freeze now
         pending = self.pending_bytes()
