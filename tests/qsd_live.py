@@ -74,12 +74,16 @@ class Qsd:
                 raise RuntimeError(r["error"]["desc"])
             return r["return"]
 
-    def bitmaps(self, node: str = "disk0") -> dict[str, dict[str, Any]]:
-        """name -> QEMU's info plus sha256, for every bitmap of the node."""
+    def bitmaps(self, node: str = "disk0", skip: str | None = None) -> dict[str, dict[str, Any]]:
+        """name -> QEMU's info plus sha256, for every bitmap of the node but those whose
+        name starts with `skip` (a running bitmig source replaces its recorders at any
+        moment: one listed here may be gone by its sha256 query)."""
         for n in self.command("query-named-block-nodes", flat=True):
             if n["node-name"] == node:
                 out = {}
                 for b in n.get("dirty-bitmaps", []):
+                    if skip is not None and b["name"].startswith(skip):
+                        continue
                     info = {k: b[k] for k in ("granularity", "recording", "persistent",
                                               "count")}
                     info["sha256"] = self.command("x-debug-block-dirty-bitmap-sha256",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faultproxy import FaultProxy
 from qsd_live import HAVE_QSD, Qsd, make_image
 
 from bitmig.core.bitmap import DirtyBitmap
@@ -55,7 +56,7 @@ def daemons(tmp_path: Path):
 
 def user(q: Qsd) -> dict[str, dict]:
     """The user's bitmaps (without bitmig's recorders, present while a source runs)."""
-    return {n: i for n, i in q.bitmaps().items() if not n.startswith("bitmig-")}
+    return q.bitmaps(skip="bitmig-")
 
 
 def no_leftovers(q: Qsd) -> None:
@@ -377,10 +378,43 @@ class Proc:
         return self.proc.stderr.read() if self.proc.stderr else ""
 
 
-async def _migrating(ctl: str) -> None:
-    """Wait (on control answers) until the source's migration is under way."""
-    while (await acall(ctl, "status"))["migrating"] is None:
-        await asyncio.sleep(0)  # yield only; each round trip is a real wait on the daemon
+class Watch:
+    """A proxy in front of a destination, for one migration: `under_way` returns once
+    bytes flow back from the destination (it answered the source's hello), so a test
+    waits on the migration itself instead of polling the source's status."""
+
+    def __init__(self, port: int) -> None:
+        self.answered = asyncio.Event()
+        self.proxy = FaultProxy(port, hook=self._hook)
+
+    def _hook(self, direction: str, done: int, piece: bytes) -> None:
+        if direction == "down":
+            self.answered.set()
+
+    async def start(self) -> int:
+        """The port the source is to migrate to."""
+        return await self.proxy.start()
+
+    async def under_way(self) -> None:
+        await asyncio.wait_for(self.answered.wait(), 60)  # the bound only catches a hang
+
+
+async def start_migration(sctl: str, port: int, watches: list[Watch],
+                          **kw: object) -> asyncio.Future:
+    """Ask the source (control socket `sctl`) to migrate to `port` through a new Watch
+    (added to `watches`, for the caller to close); return the control call's future once
+    the migration is under way."""
+    w = Watch(port)
+    watches.append(w)
+    job = asyncio.ensure_future(acall(sctl, "migrate", host="127.0.0.1",
+                                      port=await w.start(), **kw))
+    await w.under_way()
+    return job
+
+
+async def close_all(watches: list[Watch]) -> None:
+    for w in watches:
+        await w.proxy.close()
 
 
 def _start_dest(tmp_path: Path, b: Qsd, tag: str) -> tuple[Proc, int]:
@@ -399,9 +433,9 @@ async def test_end_to_end_live_qemu_to_qemu(tmp_path: Path, daemons) -> None:
     dest, port = _start_dest(tmp_path, b, "dest")
     sctl = str(tmp_path / "src.sock")
     src = Proc(["source", "--qmp", a.qmp, "--poll-interval", "0.05", "--control", sctl])
+    watches: list[Watch] = []
     try:
-        job = asyncio.ensure_future(acall(sctl, "migrate", host="127.0.0.1", port=port))
-        await _migrating(sctl)
+        job = await start_migration(sctl, port, watches)
         for seed, n in writes[1:]:
             for q in (a, control):
                 await q.awrite(np.random.default_rng(seed), n, SIZE)
@@ -412,6 +446,7 @@ async def test_end_to_end_live_qemu_to_qemu(tmp_path: Path, daemons) -> None:
     finally:
         src.stop()
         dest.stop()
+        await close_all(watches)
     got, want = b.bitmaps(), a.bitmaps()
     for name, gran, enabled in BITMAPS:
         assert got[name]["sha256"] == want[name]["sha256"], name
@@ -429,25 +464,23 @@ async def test_end_to_end_dest_killed_then_retry(tmp_path: Path, daemons) -> Non
     dest, port = _start_dest(tmp_path, b, "dest1")
     sctl = str(tmp_path / "src.sock")
     src = Proc(["source", "--qmp", a.qmp, "--poll-interval", "0.05", "--control", sctl])
+    watches: list[Watch] = []
     try:
         # One attempt (no automatic retry): the test retries by hand below.
-        job = asyncio.ensure_future(acall(sctl, "migrate", host="127.0.0.1", port=port,
-                                          retries=1))
-        await _migrating(sctl)
+        job = await start_migration(sctl, port, watches, retries=1)
         dest.kill()  # during the bulk pass: the freeze gate is still closed
         result = await job
         assert not result["ok"]
         assert b.bitmaps() == {}  # B holds nothing
         assert user(a) == before
         dest, port = _start_dest(tmp_path, b, "dest2")
-        job = asyncio.ensure_future(acall(sctl, "migrate", host="127.0.0.1", port=port,
-                                          retries=1))
-        await _migrating(sctl)
+        job = await start_migration(sctl, port, watches, retries=1)
         await acall(sctl, "complete")
         assert (await job)["ok"]
     finally:
         src.stop()
         dest.stop()
+        await close_all(watches)
     assert {n: i["sha256"] for n, i in b.bitmaps().items()} == {
         n: i["sha256"] for n, i in a.bitmaps().items()}
     assert a.bitmaps() == before
@@ -464,10 +497,9 @@ async def test_end_to_end_source_killed_cuts_qmp_then_retry(tmp_path: Path, daem
     dest, port = _start_dest(tmp_path, b, "dest")
     sctl = str(tmp_path / "src1.sock")
     src = Proc(["source", "--qmp", a.qmp, "--poll-interval", "0.05", "--control", sctl])
+    watches: list[Watch] = []
     try:
-        job = asyncio.ensure_future(acall(sctl, "migrate", host="127.0.0.1", port=port,
-                                          retries=1))
-        await _migrating(sctl)
+        job = await start_migration(sctl, port, watches, retries=1)
         src.kill()
         with pytest.raises((ConnectionError, ValueError, OSError)):
             await job  # the control connection died with the source
@@ -477,14 +509,13 @@ async def test_end_to_end_source_killed_cuts_qmp_then_retry(tmp_path: Path, daem
         await a.awrite(np.random.default_rng(42), 20, SIZE)
         sctl = str(tmp_path / "src2.sock")
         src = Proc(["source", "--qmp", a.qmp, "--poll-interval", "0.05", "--control", sctl])
-        job = asyncio.ensure_future(acall(sctl, "migrate", host="127.0.0.1", port=port,
-                                          retries=1))
-        await _migrating(sctl)
+        job = await start_migration(sctl, port, watches, retries=1)
         await acall(sctl, "complete")
         assert (await job)["ok"]
     finally:
         src.stop()
         dest.stop()
+        await close_all(watches)
     assert {n: i["sha256"] for n, i in b.bitmaps().items()} == {
         n: i["sha256"] for n, i in a.bitmaps().items()}
     no_leftovers(a)
