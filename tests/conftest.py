@@ -7,9 +7,11 @@ shown, when no Docker engine (or no Compose tool) answers on this machine.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,3 +102,24 @@ def demo_capture(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from capture import capture_demo
 
     return capture_demo(tmp_path_factory.mktemp("demo-capture"))
+
+
+# A demo whose writes outrun every pass, so its completion is forced after 3 passes: the
+# trace summary and plot tests read the same run.
+FORCED_DEMO_ARGS = ("--disk-size", "2T", "--dirty", "0.002", "--write-rate", "300000",
+                    "--downtime-ms", "1", "--max-passes", "3")
+
+
+def run_demo(trace: Path, *args: str) -> dict:
+    """`bitmig demo --json --trace trace ARGS`: its report (both traces are written)."""
+    out = subprocess.run([sys.executable, "-m", "bitmig", "demo", "--json", "--trace",
+                          str(trace), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="session")
+def forced_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(trace path, report) of one run of the demo with FORCED_DEMO_ARGS."""
+    trace = tmp_path_factory.mktemp("forced-demo") / "t.jsonl"
+    return trace, run_demo(trace, *FORCED_DEMO_ARGS)

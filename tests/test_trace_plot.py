@@ -14,15 +14,11 @@ from bitmig.tools.trace_records import read_trace
 pytest.importorskip("matplotlib")
 
 
-def test_plot_from_demo_trace(tmp_path: Path) -> None:
+def test_plot_from_demo_trace(tmp_path: Path, forced_demo: tuple[Path, dict]) -> None:
     import matplotlib.image as mpimg
     import numpy as np
 
-    trace, png = tmp_path / "t.jsonl", tmp_path / "t.png"
-    subprocess.run([sys.executable, "-m", "bitmig", "demo", "--json", "--trace", str(trace),
-                    "--disk-size", "2T", "--dirty", "0.002", "--write-rate", "300000",
-                    "--downtime-ms", "1", "--max-passes", "3"], capture_output=True, check=True,
-                   timeout=120)
+    (trace, _), png = forced_demo, tmp_path / "t.png"
     s = series(read_trace(str(trace)))
     assert len(s["passes"]) == 3 and len(s["frozen"]) == 1 and s["pend_t"]
     assert s["frozen"][0][1] > s["frozen"][0][0]
