@@ -64,6 +64,8 @@ class Driver:
         self.check: ds.TargetRefused | None = None  # what the target answers
         self.deliver: ds.TargetRefused | None = None
         self.fail_commit = False
+        self.hold_commits = False  # commits run in the background until answered by hand
+        self.held: list[ds.Commit] = []
         self.feed(Hello(1, 1, "source"))
 
     def feed(self, ev) -> None:
@@ -94,7 +96,10 @@ class Driver:
             elif t is ds.Sync:
                 self.syncs.append(a)
             elif t is ds.Commit:
-                if self.fail_commit:
+                if self.hold_commits:
+                    self.files.discard(a.spool)  # the spool is the commit's now
+                    self.held.append(a)
+                elif self.fail_commit:
                     done = ds.StoreFailed(a.id, "disk full")
                 else:
                     self.files.discard(a.spool)
@@ -343,6 +348,32 @@ def test_sync_completes_before_verify() -> None:
     assert d.of(ds.Commit) and type(d.sent[-1]) is Ack
     d.feed(Mark(3))
     assert d.sent[-1] == Mark(3)
+
+
+@pytest.mark.parametrize("outcome", ["stored", "failed"])
+@pytest.mark.parametrize("how", ["aborted", "bitmap_failed"])
+def test_failed_while_its_commit_runs(outcome: str, how: str) -> None:
+    """The adapter commits in the background (in groups), so frames arrive meanwhile: a
+    bitmap the source aborts (or that fails) then is neither acked nor kept, and the
+    session waits for the commit's outcome to forget it."""
+    intake = ds.Intake(1 << 30)
+    d = Driver(intake)
+    d.hold_commits = True
+    bm = source_bitmap()
+    d.feed(start())
+    send_all(d, 0, bm)
+    d.feed(complete(0, bm))
+    (c,) = d.held
+    d.feed(Error("aborted", "giving up", 0) if how == "aborted" else
+           BitmapFailed(0, "unexpected", "bits after complete"))
+    assert not d.of(ds.DiscardSpool)  # the file is the running commit's
+    refused = dict(d.refused)
+    d.feed(ds.Stored(0, c.meta) if outcome == "stored" else ds.StoreFailed(0, "disk full"))
+    assert not [e for e in d.sent if type(e) is Ack]
+    assert ("n", "b") not in d.stored.owned
+    assert d.refused == refused  # no second refusal for the same bitmap
+    assert len(d.of(ds.Unstore)) == (outcome == "stored")  # no copy may stay
+    assert idle(intake)
 
 
 def test_failed_sync_refuses_the_bitmap() -> None:

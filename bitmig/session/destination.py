@@ -144,8 +144,10 @@ class DiscardSpool:
 
 @dataclass(slots=True)
 class Commit:
-    """Store durably: the spool's header + fsync + rename (or the whole bitmap when there
-    is no spool). The adapter stamps `stored_at` and answers Stored(id, meta)."""
+    """Store durably: the spool's header + fdatasync + rename + directory fsync (or the
+    whole bitmap when there is no spool). The adapter stamps `stored_at` and answers
+    Stored(id, meta) or StoreFailed; it may carry out the commits due together as one
+    group commit (bitmig.daemon.spools), and frames go on arriving meanwhile."""
 
     id: int
     meta: StoredMeta
@@ -155,7 +157,8 @@ class Commit:
 
 @dataclass(slots=True)
 class Unstore:
-    """Remove the stored copy: the target refused a bitmap already committed."""
+    """Remove the stored copy: the target refused a bitmap already committed, or the
+    bitmap failed (or the source aborted it) while its commit ran."""
 
     node: str
     name: str
@@ -380,6 +383,7 @@ class Phase(Enum):
     STREAMING = "streaming"  # ready sent: bits and zeroes flow
     SYNCING = "syncing"  # complete arrived while a background sync ran
     STORING = "storing"  # Commit runs
+    FAILED = "failed"  # its commit failed: being forgotten
     DELIVERING = "delivering"  # the target's deliver runs
 
 
@@ -397,6 +401,7 @@ class _Bitmap:
     complete: Complete | None = None
     meta: StoredMeta | None = None
     stored: bool = False  # committed durably (a target refusal must undo it)
+    abandoned: bool = False  # failed or aborted while its commit ran: undo what it stores
     t_complete: float = 0.0
 
     @property
@@ -687,6 +692,11 @@ class DestinationSession:
         if b is None or b.phase is not Phase.STORING:
             return []
         b.meta, b.stored, b.spool = ev.meta, True, None  # the spool is the stored file now
+        if b.abandoned:  # never acknowledged: the source owns it, no copy stays here
+            b.phase = Phase.FAILED
+            out: list[Action] = [Unstore(b.start.node, b.start.name)]
+            self._drop(ev.id, out)
+            return out
         return self._deliver(ev.id, b, now)
 
     def _deliver(self, bid: int, b: _Bitmap, now: float) -> list[Action]:
@@ -711,7 +721,11 @@ class DestinationSession:
     def _store_failed(self, ev: StoreFailed, now: float) -> list[Action]:
         b = self.bitmaps.get(ev.id)
         if b is not None and b.phase is Phase.STORING:
-            b.spool = None  # a failed commit removed its temp file
+            b.spool, b.phase = None, Phase.FAILED  # a failed commit removed its temp file
+            if b.abandoned:  # already refused or aborted
+                out: list[Action] = []
+                self._drop(ev.id, out)
+                return out
         return self._refuse(ev.id, ErrorCode.STORAGE, ev.message)
 
     def _bitmap_failed(self, ev: BitmapFailed, now: float) -> list[Action]:
@@ -730,10 +744,16 @@ class DestinationSession:
         return out
 
     def _drop(self, bid: int, out: list[Action]) -> None:
-        """Forget a bitmap that will not complete: nothing of it is kept."""
-        b = self.bitmaps.pop(bid, None)
+        """Forget a bitmap that will not complete: nothing of it is kept. One whose
+        commit runs (the adapter commits in the background, in groups) is forgotten
+        when the commit ends (_stored, _store_failed)."""
+        b = self.bitmaps.get(bid)
         if b is None:
             return
+        if b.phase is Phase.STORING:
+            b.abandoned = True
+            return
+        del self.bitmaps[bid]
         if b.spool is not None:
             out.append(DiscardSpool(b.spool))
         self.intake.reserved.discard(b.key)
