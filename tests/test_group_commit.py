@@ -136,6 +136,7 @@ def test_directory_fsync_failure_reports_none_stored(tmp_path: Path,
     monkeypatch.setattr(st, "_fsync_dir", fsync_dir)
     outs = st.commit_batch(store, items)
     assert all(isinstance(o, st.StoreError) and "cannot sync" in str(o) for o in outs)
+    assert not list(store.dir.iterdir())  # no unacknowledged copy stays
 
 
 async def test_commits_due_together_form_one_batch(tmp_path: Path,

@@ -423,7 +423,13 @@ def commit_batch(store: Store, items: Sequence[tuple[Spool, StoredMeta]],
         try:
             _fsync_dir(store.dir)
         except OSError as e:
-            # The renames may not survive a crash: none of them is reported stored.
+            # The renames may or may not survive a crash: none of them is reported stored,
+            # and none stays (an unacknowledged copy would be a second owner).
             for i in renamed:
                 out[i] = StoreError(f"cannot sync {store.dir}: {e}")
+                items[i][0].final.unlink(missing_ok=True)
+            try:
+                _fsync_dir(store.dir)
+            except OSError:
+                pass  # best effort: the files are not acknowledged either way
     return [o if o is not None else StoreError("not committed") for o in out]
