@@ -376,6 +376,43 @@ def test_failed_while_its_commit_runs(outcome: str, how: str) -> None:
     assert idle(intake)
 
 
+def test_mark_echo_waits_for_the_data_to_be_durable() -> None:
+    """The echo of a mark comes once every spool's data before it is synced (the source
+    freezes only after an echo, so the frozen window is left only later data); data
+    written while a sync already ran is synced once more first."""
+    intake = ds.Intake(1 << 30)
+    d = Driver(intake)
+    d.s.sync_every = 1
+    bm = source_bitmap()
+    d.feed(start(0, "a"))
+    d.feed(start(1, "b"))
+    send_all(d, 0, bm, slice(0, 64))  # starts a sync of a (one at a time)
+    assert [s.id for s in d.syncs] == [0]
+    send_all(d, 0, bm, slice(64, 128))  # written while that sync runs
+    d.feed(Mark(7))
+    assert [s.id for s in d.syncs] == [0, 1]  # b synced now; a's runs
+    assert Mark(7) not in d.sent
+    d.feed(ds.Synced(1))
+    d.feed(ds.Synced(0))  # a: once more, for what came after its sync began
+    assert [s.id for s in d.syncs] == [0, 1, 0] and Mark(7) not in d.sent
+    d.feed(ds.Synced(0))
+    assert d.sent[-1] == Mark(7)
+    d.feed(Mark(8))  # nothing written since: the syncs are quick, the echo follows them
+    assert d.sent[-1] != Mark(8)
+    d.feed(ds.Synced(0))
+    d.feed(ds.Synced(1))
+    assert d.sent[-1] == Mark(8)
+
+
+def test_mark_echo_when_the_bitmap_it_waits_for_fails() -> None:
+    intake = ds.Intake(1 << 30)
+    d = Driver(intake)
+    d.feed(start())
+    d.feed(Mark(1))
+    d.feed(Error("aborted", "giving up", 0))  # the sync's bitmap is gone
+    assert d.sent[-1] == Mark(1)
+
+
 def test_failed_sync_refuses_the_bitmap() -> None:
     intake = ds.Intake(1 << 30)
     d = Driver(intake)

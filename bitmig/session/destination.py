@@ -398,6 +398,7 @@ class _Bitmap:
     resumed: bool = False
     unsynced: int = 0
     syncing: bool = False
+    resync: bool = False  # a mark waits for data written after the running sync began
     complete: Complete | None = None
     meta: StoredMeta | None = None
     stored: bool = False  # committed durably (a target refusal must undo it)
@@ -427,6 +428,7 @@ class DestinationSession:
         self.bitmaps: dict[int, _Bitmap] = {}  # started here and holding resources
         self.greeted = False
         self.finished = False  # `end` answered: the adapter closes
+        self.marks: list[int] = []  # echoes held until the spools' syncs end (_mark)
         self._dispatch = {
             Hello: self._hello, Start: self._start, Bits: self._apply, Zeroes: self._apply,
             Spans: self._apply_spans,
@@ -441,7 +443,11 @@ class DestinationSession:
     def handle(self, event: Any, now: float) -> list[Action]:
         """An event from the Connection (a peer error frame as an Error event) or the
         completion of an action. Events naming a bitmap no longer held are ignored."""
-        return self._dispatch[type(event)](event, now)
+        out = self._dispatch[type(event)](event, now)
+        if self.marks and not any(b.syncing for b in self.bitmaps.values()):
+            out += [Send(Mark(seq)) for seq in self.marks]
+            self.marks.clear()
+        return out
 
     # -- the connection ---------------------------------------------------------------
 
@@ -452,14 +458,19 @@ class DestinationSession:
                            spec.CAPABILITIES, f"bitmig/{__version__}"))]
 
     def _mark(self, ev: Mark, now: float) -> list[Action]:
-        # Everything before the mark is applied: echo it, so the source can measure real
-        # throughput; then sync every spool in the background, so a frozen window that
-        # may follow has little left to do.
-        out: list[Action] = [Send(Mark(ev.seq))]
+        # Everything before the mark is applied: sync every spool in the background and
+        # echo the mark once that is durable (handle()). The source freezes only after an
+        # echo, so the frozen window flushes only what arrives after it, not a backlog of
+        # earlier passes; and the rate the source measures is what the disk absorbs.
+        out: list[Action] = []
         for bid, b in self.bitmaps.items():
-            if b.phase is Phase.STREAMING and b.spool is not None and not b.syncing:
-                b.syncing, b.unsynced = True, 0
-                out.append(Sync(bid, b.spool))
+            if b.phase is Phase.STREAMING and b.spool is not None:
+                if not b.syncing:
+                    b.syncing, b.unsynced = True, 0
+                    out.append(Sync(bid, b.spool))
+                elif b.unsynced:  # written after the running sync began: once more
+                    b.resync = True
+        self.marks.append(ev.seq)
         return out
 
     def _end(self, ev: End, now: float) -> list[Action]:
@@ -651,6 +662,9 @@ class DestinationSession:
             return self._refuse(ev.id, ErrorCode.STORAGE, ev.error)
         if b.phase is Phase.SYNCING:
             return self._verify(ev.id, b, b.complete, now)
+        if b.resync and b.phase is Phase.STREAMING:
+            b.resync, b.syncing, b.unsynced = False, True, 0
+            return [Sync(ev.id, b.spool)]
         return []
 
     # -- completing -------------------------------------------------------------------
