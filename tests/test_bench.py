@@ -148,3 +148,13 @@ def test_freeze_breakdown_from_trace_records() -> None:
     assert b["dest_wait_ms"] == pytest.approx(20.0)
     assert b["fsync_in_freeze_ms"] == pytest.approx(28.0)
     assert freeze_breakdown([]) == {"dest_bitmaps_stored": 0}
+
+
+def test_grouped_commits_count_once() -> None:
+    """Commits of one group commit overlap: the time they take is counted once."""
+    events = [{"type": "frame", "kind": "complete", "dir": "recv", "mono": 10.0},
+              *({"type": "stored", "mono": 10.010, "verify_ms": 0.1, "store_ms": 8.0 - i}
+                for i in range(3)),
+              {"type": "stored", "mono": 10.020, "verify_ms": 0.1, "store_ms": 5.0}]
+    b = freeze_breakdown(events)
+    assert b["dest_store_ms"] == pytest.approx(13.0)  # [2, 10] and [15, 20] ms

@@ -64,6 +64,8 @@ class Driver:
         self.check: ds.TargetRefused | None = None  # what the target answers
         self.deliver: ds.TargetRefused | None = None
         self.fail_commit = False
+        self.hold_commits = False  # commits run in the background until answered by hand
+        self.held: list[ds.Commit] = []
         self.feed(Hello(1, 1, "source"))
 
     def feed(self, ev) -> None:
@@ -94,7 +96,10 @@ class Driver:
             elif t is ds.Sync:
                 self.syncs.append(a)
             elif t is ds.Commit:
-                if self.fail_commit:
+                if self.hold_commits:
+                    self.files.discard(a.spool)  # the spool is the commit's now
+                    self.held.append(a)
+                elif self.fail_commit:
                     done = ds.StoreFailed(a.id, "disk full")
                 else:
                     self.files.discard(a.spool)
@@ -343,6 +348,69 @@ def test_sync_completes_before_verify() -> None:
     assert d.of(ds.Commit) and type(d.sent[-1]) is Ack
     d.feed(Mark(3))
     assert d.sent[-1] == Mark(3)
+
+
+@pytest.mark.parametrize("outcome", ["stored", "failed"])
+@pytest.mark.parametrize("how", ["aborted", "bitmap_failed"])
+def test_failed_while_its_commit_runs(outcome: str, how: str) -> None:
+    """The adapter commits in the background (in groups), so frames arrive meanwhile: a
+    bitmap the source aborts (or that fails) then is neither acked nor kept, and the
+    session waits for the commit's outcome to forget it."""
+    intake = ds.Intake(1 << 30)
+    d = Driver(intake)
+    d.hold_commits = True
+    bm = source_bitmap()
+    d.feed(start())
+    send_all(d, 0, bm)
+    d.feed(complete(0, bm))
+    (c,) = d.held
+    d.feed(Error("aborted", "giving up", 0) if how == "aborted" else
+           BitmapFailed(0, "unexpected", "bits after complete"))
+    assert not d.of(ds.DiscardSpool)  # the file is the running commit's
+    refused = dict(d.refused)
+    d.feed(ds.Stored(0, c.meta) if outcome == "stored" else ds.StoreFailed(0, "disk full"))
+    assert not [e for e in d.sent if type(e) is Ack]
+    assert ("n", "b") not in d.stored.owned
+    assert d.refused == refused  # no second refusal for the same bitmap
+    assert len(d.of(ds.Unstore)) == (outcome == "stored")  # no copy may stay
+    assert idle(intake)
+
+
+def test_mark_echo_waits_for_the_data_to_be_durable() -> None:
+    """The echo of a mark comes once every spool's data before it is synced (the source
+    freezes only after an echo, so the frozen window is left only later data); data
+    written while a sync already ran is synced once more first."""
+    intake = ds.Intake(1 << 30)
+    d = Driver(intake)
+    d.s.sync_every = 1
+    bm = source_bitmap()
+    d.feed(start(0, "a"))
+    d.feed(start(1, "b"))
+    send_all(d, 0, bm, slice(0, 64))  # starts a sync of a (one at a time)
+    assert [s.id for s in d.syncs] == [0]
+    send_all(d, 0, bm, slice(64, 128))  # written while that sync runs
+    d.feed(Mark(7))
+    assert [s.id for s in d.syncs] == [0, 1]  # b synced now; a's runs
+    assert Mark(7) not in d.sent
+    d.feed(ds.Synced(1))
+    d.feed(ds.Synced(0))  # a: once more, for what came after its sync began
+    assert [s.id for s in d.syncs] == [0, 1, 0] and Mark(7) not in d.sent
+    d.feed(ds.Synced(0))
+    assert d.sent[-1] == Mark(7)
+    d.feed(Mark(8))  # nothing written since: the syncs are quick, the echo follows them
+    assert d.sent[-1] != Mark(8)
+    d.feed(ds.Synced(0))
+    d.feed(ds.Synced(1))
+    assert d.sent[-1] == Mark(8)
+
+
+def test_mark_echo_when_the_bitmap_it_waits_for_fails() -> None:
+    intake = ds.Intake(1 << 30)
+    d = Driver(intake)
+    d.feed(start())
+    d.feed(Mark(1))
+    d.feed(Error("aborted", "giving up", 0))  # the sync's bitmap is gone
+    assert d.sent[-1] == Mark(1)
 
 
 def test_failed_sync_refuses_the_bitmap() -> None:

@@ -19,7 +19,8 @@ a file) are read, checked and rewritten as version 2 when a daemon starts; any o
 version is refused with a message naming it.
 
 A file is only ever created under a temporary name and renamed into place after its
-data and header are fsynced, and the directory is fsynced after the rename. Loading
+data and header are synced (fdatasync), and the directory is fsynced after the rename;
+bitmaps committed together share the directory fsync (commit_batch). Loading
 recomputes the tree digest: a file that does not match its header is never used.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +270,10 @@ class Spool:
         try:
             self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             os.ftruncate(self.fd, DATA_OFFSET + size)
+            # The header's block is allocated now, so the background syncs make it
+            # durable before the freeze: the header written at commit then overwrites it
+            # in place, and the commit's fdatasync needs no journal commit for it.
+            os.pwrite(self.fd, bytes(DATA_OFFSET), 0)
         except OSError as e:
             self.tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot create {self.tmp}: {e}") from e
@@ -293,6 +299,16 @@ class Spool:
             raise StoreError(f"cannot sync {self.tmp}: {e}") from e
 
     def commit(self, meta: StoredMeta) -> Path:
+        """Store this spool durably as `meta`'s bitmap (a batch of one, see commit_batch).
+        Raises StoreError; the temp file is gone then."""
+        (out,) = commit_batch(self.store, [(self, meta)])
+        if isinstance(out, StoreError):
+            raise out
+        return out
+
+    def seal(self, meta: StoredMeta) -> None:
+        """Check `meta` against this spool's file name and write the header. Raises
+        StoreError (and removes the temp file)."""
         try:
             check_names(meta.node, meta.name)
             if self.final.name != file_name(meta.node, meta.name):
@@ -303,20 +319,35 @@ class Spool:
                 raise StoreError(f"cannot store {meta.node!r}/{meta.name!r}: header of "
                                  f"{len(header)} bytes is too large")
             self.store.check_free(self.final, meta.node, meta.name)
-        except StoreError:
-            self.abort()
-            raise
-        head = MAGIC + len(header).to_bytes(4, "little") + header
-        try:
+            head = MAGIC + len(header).to_bytes(4, "little") + header
             os.pwrite(self.fd, head.ljust(DATA_OFFSET, b"\0"), 0)
-            os.fsync(self.fd)
+        except (StoreError, OSError) as e:
+            self.abort()
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"cannot write the header of {self.tmp}: {e}") from e
+
+    def flush(self) -> None:
+        """Make data and header durable, then close. fdatasync is enough: it writes
+        the metadata needed to read the data back (size, block allocation), and the file
+        size was set when the spool was created; only timestamps are left out. Raises
+        StoreError (and removes the temp file)."""
+        try:
+            os.fdatasync(self.fd)
             os.close(self.fd)
             self.fd = -1
-            os.rename(self.tmp, self.final)
-            _fsync_dir(self.dir)
         except OSError as e:
             self.abort()
-            raise StoreError(f"cannot store {meta.node}/{meta.name} in {self.dir}: {e}") from e
+            raise StoreError(f"cannot sync {self.tmp}: {e}") from e
+
+    def publish(self) -> Path:
+        """Rename the flushed temp file to its final name (durable once the directory
+        is synced). Raises StoreError (and removes the temp file)."""
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError as e:
+            self.abort()
+            raise StoreError(f"cannot rename {self.tmp} to {self.final.name}: {e}") from e
         return self.final
 
     def close(self) -> None:
@@ -339,3 +370,66 @@ class Spool:
             os.close(self.fd)
             self.fd = -1
         self.tmp.unlink(missing_ok=True)
+
+
+Outcome = Path | StoreError
+Map = Callable[[Callable[[int], None], list[int]], Iterable[None]]
+
+
+def _serial(fn: Callable[[int], None], xs: list[int]) -> list[None]:
+    return [fn(x) for x in xs]
+
+
+def commit_batch(store: Store, items: Sequence[tuple[Spool, StoredMeta]],
+                 pmap: Map = _serial) -> list[Outcome]:
+    """Commit several spools together (a group commit): every header, then all data
+    flushes (`pmap` may run them concurrently: the daemon passes a thread pool's map, so
+    the filesystem serves them with few journal commits), then every rename, then ONE
+    fsync of the directory. Returns, per item in order, the stored file or the
+    StoreError that failed that item alone; a failed item's temp file is removed.
+
+    Crash safety is that of one commit: a file gets its final name only after its data
+    and header are durable, and nothing is reported stored before the directory fsync
+    that makes the renames durable. A crash leaves each bitmap's old file or its new."""
+    out: list[Outcome | None] = [None] * len(items)
+    finals: set[Path] = set()
+    for i, (spool, meta) in enumerate(items):
+        try:
+            if spool.final in finals:  # two commits of one name at once: the first wins
+                spool.abort()
+                raise StoreError(f"cannot store {meta.node!r}/{meta.name!r}: stored twice "
+                                 "in one batch")
+            spool.seal(meta)
+            finals.add(spool.final)
+        except StoreError as e:
+            out[i] = e
+
+    def flush(i: int) -> None:
+        try:
+            items[i][0].flush()
+        except StoreError as e:
+            out[i] = e
+
+    list(pmap(flush, [i for i in range(len(items)) if out[i] is None]))
+    renamed: list[int] = []
+    for i, (spool, _meta) in enumerate(items):
+        if out[i] is None:
+            try:
+                out[i] = spool.publish()
+                renamed.append(i)
+            except StoreError as e:
+                out[i] = e
+    if renamed:
+        try:
+            _fsync_dir(store.dir)
+        except OSError as e:
+            # The renames may or may not survive a crash: none of them is reported stored,
+            # and none stays (an unacknowledged copy would be a second owner).
+            for i in renamed:
+                out[i] = StoreError(f"cannot sync {store.dir}: {e}")
+                items[i][0].final.unlink(missing_ok=True)
+            try:
+                _fsync_dir(store.dir)
+            except OSError:
+                pass  # best effort: the files are not acknowledged either way
+    return [o if o is not None else StoreError("not committed") for o in out]

@@ -154,10 +154,9 @@ class Receiver:
             elif t is ds.DiscardSpool:
                 sp.discard(a.spool)
             elif t is ds.Commit:
-                try:
-                    done = ds.Stored(a.id, await sp.commit(a.spool, a.meta, a.bitmap))
-                except StoreError as e:
-                    done = ds.StoreFailed(a.id, str(e))
+                # In the background: the next frames (the other bitmaps' completes) are
+                # read meanwhile, so their commits join the same group commit.
+                self._later(self._commit(a))
             elif t is ds.Check or t is ds.Deliver:
                 try:
                     await (h.target.check(a.bitmap) if t is ds.Check else
@@ -182,8 +181,20 @@ class Receiver:
             await self.host.spools.sync(a.spool)
         except StoreError as e:
             err = str(e)
+        await self._answer(ds.Synced(a.id, err))
+
+    async def _commit(self, a: ds.Commit) -> None:
+        done: ds.Stored | ds.StoreFailed
         try:
-            await self._do(self.session.handle(ds.Synced(a.id, err), time.monotonic()))
+            done = ds.Stored(a.id, await self.host.spools.commit(a.spool, a.meta, a.bitmap))
+        except StoreError as e:
+            done = ds.StoreFailed(a.id, str(e))
+        await self._answer(done)
+
+    async def _answer(self, done: ds.Completion) -> None:
+        """Give a background completion to the session and carry out what follows."""
+        try:
+            await self._do(self.session.handle(done, time.monotonic()))
         except (OSError, ProtocolError, Timeout) as e:  # the connection failed meanwhile
             log.warning("%s: %s", self.ch.peer, e)
 

@@ -144,8 +144,10 @@ class DiscardSpool:
 
 @dataclass(slots=True)
 class Commit:
-    """Store durably: the spool's header + fsync + rename (or the whole bitmap when there
-    is no spool). The adapter stamps `stored_at` and answers Stored(id, meta)."""
+    """Store durably: the spool's header + fdatasync + rename + directory fsync (or the
+    whole bitmap when there is no spool). The adapter stamps `stored_at` and answers
+    Stored(id, meta) or StoreFailed; it may carry out the commits due together as one
+    group commit (bitmig.daemon.spools), and frames go on arriving meanwhile."""
 
     id: int
     meta: StoredMeta
@@ -155,7 +157,8 @@ class Commit:
 
 @dataclass(slots=True)
 class Unstore:
-    """Remove the stored copy: the target refused a bitmap already committed."""
+    """Remove the stored copy: the target refused a bitmap already committed, or the
+    bitmap failed (or the source aborted it) while its commit ran."""
 
     node: str
     name: str
@@ -380,6 +383,7 @@ class Phase(Enum):
     STREAMING = "streaming"  # ready sent: bits and zeroes flow
     SYNCING = "syncing"  # complete arrived while a background sync ran
     STORING = "storing"  # Commit runs
+    FAILED = "failed"  # its commit failed: being forgotten
     DELIVERING = "delivering"  # the target's deliver runs
 
 
@@ -394,9 +398,11 @@ class _Bitmap:
     resumed: bool = False
     unsynced: int = 0
     syncing: bool = False
+    resync: bool = False  # a mark waits for data written after the running sync began
     complete: Complete | None = None
     meta: StoredMeta | None = None
     stored: bool = False  # committed durably (a target refusal must undo it)
+    abandoned: bool = False  # failed or aborted while its commit ran: undo what it stores
     t_complete: float = 0.0
 
     @property
@@ -422,6 +428,7 @@ class DestinationSession:
         self.bitmaps: dict[int, _Bitmap] = {}  # started here and holding resources
         self.greeted = False
         self.finished = False  # `end` answered: the adapter closes
+        self.marks: list[int] = []  # echoes held until the spools' syncs end (_mark)
         self._dispatch = {
             Hello: self._hello, Start: self._start, Bits: self._apply, Zeroes: self._apply,
             Spans: self._apply_spans,
@@ -436,7 +443,11 @@ class DestinationSession:
     def handle(self, event: Any, now: float) -> list[Action]:
         """An event from the Connection (a peer error frame as an Error event) or the
         completion of an action. Events naming a bitmap no longer held are ignored."""
-        return self._dispatch[type(event)](event, now)
+        out = self._dispatch[type(event)](event, now)
+        if self.marks and not any(b.syncing for b in self.bitmaps.values()):
+            out += [Send(Mark(seq)) for seq in self.marks]
+            self.marks.clear()
+        return out
 
     # -- the connection ---------------------------------------------------------------
 
@@ -447,14 +458,19 @@ class DestinationSession:
                            spec.CAPABILITIES, f"bitmig/{__version__}"))]
 
     def _mark(self, ev: Mark, now: float) -> list[Action]:
-        # Everything before the mark is applied: echo it, so the source can measure real
-        # throughput; then sync every spool in the background, so a frozen window that
-        # may follow has little left to do.
-        out: list[Action] = [Send(Mark(ev.seq))]
+        # Everything before the mark is applied: sync every spool in the background and
+        # echo the mark once that is durable (handle()). The source freezes only after an
+        # echo, so the frozen window flushes only what arrives after it, not a backlog of
+        # earlier passes; and the rate the source measures is what the disk absorbs.
+        out: list[Action] = []
         for bid, b in self.bitmaps.items():
-            if b.phase is Phase.STREAMING and b.spool is not None and not b.syncing:
-                b.syncing, b.unsynced = True, 0
-                out.append(Sync(bid, b.spool))
+            if b.phase is Phase.STREAMING and b.spool is not None:
+                if not b.syncing:
+                    b.syncing, b.unsynced = True, 0
+                    out.append(Sync(bid, b.spool))
+                elif b.unsynced:  # written after the running sync began: once more
+                    b.resync = True
+        self.marks.append(ev.seq)
         return out
 
     def _end(self, ev: End, now: float) -> list[Action]:
@@ -646,6 +662,9 @@ class DestinationSession:
             return self._refuse(ev.id, ErrorCode.STORAGE, ev.error)
         if b.phase is Phase.SYNCING:
             return self._verify(ev.id, b, b.complete, now)
+        if b.resync and b.phase is Phase.STREAMING:
+            b.resync, b.syncing, b.unsynced = False, True, 0
+            return [Sync(ev.id, b.spool)]
         return []
 
     # -- completing -------------------------------------------------------------------
@@ -687,6 +706,11 @@ class DestinationSession:
         if b is None or b.phase is not Phase.STORING:
             return []
         b.meta, b.stored, b.spool = ev.meta, True, None  # the spool is the stored file now
+        if b.abandoned:  # never acknowledged: the source owns it, no copy stays here
+            b.phase = Phase.FAILED
+            out: list[Action] = [Unstore(b.start.node, b.start.name)]
+            self._drop(ev.id, out)
+            return out
         return self._deliver(ev.id, b, now)
 
     def _deliver(self, bid: int, b: _Bitmap, now: float) -> list[Action]:
@@ -711,7 +735,11 @@ class DestinationSession:
     def _store_failed(self, ev: StoreFailed, now: float) -> list[Action]:
         b = self.bitmaps.get(ev.id)
         if b is not None and b.phase is Phase.STORING:
-            b.spool = None  # a failed commit removed its temp file
+            b.spool, b.phase = None, Phase.FAILED  # a failed commit removed its temp file
+            if b.abandoned:  # already refused or aborted
+                out: list[Action] = []
+                self._drop(ev.id, out)
+                return out
         return self._refuse(ev.id, ErrorCode.STORAGE, ev.message)
 
     def _bitmap_failed(self, ev: BitmapFailed, now: float) -> list[Action]:
@@ -730,10 +758,16 @@ class DestinationSession:
         return out
 
     def _drop(self, bid: int, out: list[Action]) -> None:
-        """Forget a bitmap that will not complete: nothing of it is kept."""
-        b = self.bitmaps.pop(bid, None)
+        """Forget a bitmap that will not complete: nothing of it is kept. One whose
+        commit runs (the adapter commits in the background, in groups) is forgotten
+        when the commit ends (_stored, _store_failed)."""
+        b = self.bitmaps.get(bid)
         if b is None:
             return
+        if b.phase is Phase.STORING:
+            b.abandoned = True
+            return
+        del self.bitmaps[bid]
         if b.spool is not None:
             out.append(DiscardSpool(b.spool))
         self.intake.reserved.discard(b.key)

@@ -201,16 +201,17 @@ def _freeze_records(path: str) -> list[dict[str, Any]]:
 def freeze_breakdown(events: list[dict[str, Any]]) -> dict[str, Any]:
     """The destination's part of the frozen window, from its trace: from the first
     `complete` received to the last bitmap stored and acked. verify: digest and count
-    check; store: commit (header, fsync, rename, directory fsync) and the ack; wait: the
-    rest, mostly waiting for the background fsync of the spool started before the freeze
-    (one bitmap only). fsync_in_freeze_ms = store + wait: the durability cost inside the
-    frozen window (an upper bound)."""
+    check; store: the time during which a commit (header, fdatasync, rename, directory
+    fsync) ran, commits grouped together counted once (the union of the bitmaps' commit
+    intervals); wait: the rest, mostly waiting for the background fsync of the spool
+    started before the freeze (one bitmap only). fsync_in_freeze_ms = store + wait: the
+    durability cost inside the frozen window (an upper bound)."""
     done = [e for e in events if e.get("type") == "stored"]
     comp = [e["mono"] for e in events if e.get("type") == "frame"]
     if not done or not comp:
         return {"dest_bitmaps_stored": len(done)}
     verify = sum(e.get("verify_ms", 0.0) for e in done)
-    store = sum(e.get("store_ms", 0.0) for e in done)
+    store = union_ms([(e["mono"] - e.get("store_ms", 0.0) / 1000, e["mono"]) for e in done])
     span = (max(e["mono"] for e in done) - min(comp)) * 1000
     # With one bitmap, the rest of the span is the wait for the spool's background fsync;
     # with many, it also holds receiving the others' frames, so only commits count.
@@ -219,6 +220,16 @@ def freeze_breakdown(events: list[dict[str, Any]]) -> dict[str, Any]:
             "dest_verify_ms": round(verify, 2), "dest_store_ms": round(store, 2),
             "dest_wait_ms": round(wait, 2) if wait is not None else None,
             "fsync_in_freeze_ms": round(store + (wait or 0.0), 2)}
+
+
+def union_ms(spans: list[tuple[float, float]]) -> float:
+    """Milliseconds covered by at least one of the (start, end) spans, in seconds."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total * 1000
 
 
 async def dest_digests(sock: str, keys: list[tuple[str, str]]) -> dict[str, str | None]:
