@@ -89,9 +89,9 @@ def _add_tls(p: argparse.ArgumentParser, client: bool) -> None:
 
 def _add_migration_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downtime-ms", type=float, default=float(_env("downtime_ms",
-                   defaults.DOWNTIME_MS)), help="target for the frozen completion window; dirty "
-                   "passes continue while the pending bytes would take longer at the measured "
-                   "bandwidth")
+                   defaults.DOWNTIME_MS)), help="target for each frozen window: dirty passes "
+                   "continue while the pending bytes would take longer at the measured "
+                   "bandwidth, and bitmaps complete in groups that fit it")
     p.add_argument("--max-passes", type=int, default=int(_env("max_passes", defaults.MAX_PASSES)),
                    help="dirty passes before completion is forced (reported as forced)")
     p.add_argument("--small-threshold", type=_size, default=_size(str(_env(

@@ -319,3 +319,56 @@ async def test_control_migrate_retries(tmp_path: Path) -> None:
         await acall(sock, "migrate", host="127.0.0.1", port=1, retries=-1)
     assert src.registry.get("n", "b").state is Ownership.OWNED
     await src.close()
+
+
+@pytest.mark.parametrize("max_bitmaps", [None, 64])
+async def test_more_bitmaps_than_the_destination_holds_at_once(tmp_path: Path,
+                                                               max_bitmaps: int | None) -> None:
+    # 300 small bitmaps: more than a destination holds for one connection (256), or in
+    # all (64 here, so starts are refused with `limit` and go again). One migrate moves
+    # them all in frozen groups under writes spread across them.
+    dest, port = await dest_daemon(tmp_path, **({"max_bitmaps": max_bitmaps}
+                                                if max_bitmaps else {}))
+    src = Daemon("source")
+    rng = np.random.default_rng(11)
+    entries = []
+    for i in range(300):
+        e = src.registry.add(f"drive{i // 4}", f"b{i % 4}", 1 << 30, 65536)  # 2 KiB each
+        e.bitmap.set_many(rng.integers(0, e.bitmap.nbits, 500))
+        entries.append(e)
+    initial = {e.key: e.bitmap.words.copy() for e in entries}
+    log: list = []
+    wl = Workload(entries, rate=20_000, seed=3, log=log)
+    wl.start()
+    result = await src.migrate("127.0.0.1", port, progress=lambda p: wl.step(50))
+    await wl.stop()
+    assert result.ok, result.error
+    assert result.groups > 1 and result.downtime_ms <= result.frozen_total_ms
+    assert wl.writes > 0
+    for e, out in zip(entries, result.bitmaps, strict=True):
+        assert e.state is Ownership.HANDED_OFF
+        got = dest.registry.get(e.node, e.name).bitmap
+        assert got.sha256().hex() == out.sha256 == e.bitmap.sha256().hex()
+        ref = DirtyBitmap(1 << 30, 65536)
+        replay(initial, log, e.key, ref)  # the initial bits plus every write, nothing else
+        assert np.array_equal(ref.words, got.words), e.key
+
+
+async def test_more_than_1024_bitmaps_in_one_migrate(tmp_path: Path) -> None:
+    # Past spec.MAX_BITMAPS starts the source ends the connection and goes on over a new
+    # one, in the same attempt: one migrate, every bitmap verified.
+    dest, port = await dest_daemon(tmp_path)
+    src = Daemon("source")
+    rng = np.random.default_rng(12)
+    entries = []
+    for i in range(1100):
+        e = src.registry.add(f"drive{i // 4}", f"b{i % 4}", 1 << 30, 65536)
+        e.bitmap.set_many(rng.integers(0, e.bitmap.nbits, 100))
+        entries.append(e)
+    result = await src.migrate("127.0.0.1", port)
+    assert result.ok, result.error
+    assert result.attempt == 1 and result.frames["hello"] == 2 and result.frames["end"] == 2
+    for e, out in zip(entries, result.bitmaps, strict=True):
+        assert e.state is Ownership.HANDED_OFF
+        assert dest.registry.get(e.node, e.name).bitmap.sha256().hex() == out.sha256 == \
+            e.bitmap.sha256().hex()

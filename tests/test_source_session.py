@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from bitmig.core import defaults
 from bitmig.core.assembly import Assembly
 from bitmig.core.bitmap import DirtyBitmap
 from bitmig.protocol import spec
@@ -470,10 +471,41 @@ def test_refused_bitmap_fails_alone() -> None:
 
 
 def test_every_bitmap_refused_ends_the_attempt() -> None:
-    h = Harness(session(("x", bitmap(15))), ScriptedDest(refuse={"x": "limit"}))
+    h = Harness(session(("x", bitmap(15))), ScriptedDest(refuse={"x": "exists"}))
     result = h.run()
     assert not result.ok and result.error == "ValueError: the destination refused every bitmap"
-    assert result.bitmaps[0].error == "limit: x refused"
+    assert result.bitmaps[0].error == "exists: x refused"
+
+
+def test_a_start_refused_for_a_limit_is_tried_again_then_fails_clearly() -> None:
+    # `limit` at start is the destination's capacity, not the bitmap's fault: the start
+    # goes again after a backoff (new wire id each time); a destination that never takes
+    # it ends the attempt with a clear error after defaults.LIMIT_REFUSALS tries.
+    h = Harness(session(("x", bitmap(15)), retry_delay=0.5), ScriptedDest(refuse={"x": "limit"}))
+    result = h.run()
+    assert not result.ok and result.error == "ValueError: the destination refused every bitmap"
+    n = defaults.LIMIT_REFUSALS
+    assert result.bitmaps[0].error == \
+        f"limit: x refused (refused {n} times with nothing else in flight; giving up)"
+    assert h.dest.conn.frames_received["start"] == n and len(h.attempts) == 1
+    assert h.now >= 0.5 + 1 + 2 + 4  # each try waits longer (doubling from retry_delay)
+
+
+def test_a_ready_that_never_comes_after_a_refused_start_times_out() -> None:
+    class RefusesOnceThenStalls(ScriptedDest):
+        starts = 0
+
+        def _start(self, st: Start) -> list[bytes | memoryview]:
+            self.starts += 1
+            if self.starts == 1:
+                return self.conn.error_frame(RemoteProtocolError(ErrorCode.LIMIT, "full", st.id))
+            return []  # the second start is never answered
+    dest = RefusesOnceThenStalls()
+    h = Harness(session(("x", bitmap(15)), retry_delay=0.5, io_timeout=3), dest)
+    result = h.run()
+    assert dest.starts == 2
+    assert not result.ok and result.error == \
+        "Timeout: timed out after 3s waiting for ready for the started bitmaps"
 
 
 def test_last_bitmap_failing_mid_stream_ends_the_attempt_at_once() -> None:

@@ -35,3 +35,15 @@ def test_plot_from_demo_trace(tmp_path: Path, forced_demo: tuple[Path, dict]) ->
     assert near((0.122, 0.467, 0.706)) > 50  # tab:blue
     assert near((0.839, 0.153, 0.157)) > 50  # tab:red
     assert near((0.992, 0.827, 0.659)) > 500  # tab:orange at alpha 0.3 over white
+
+
+def test_each_group_is_its_own_frozen_window() -> None:
+    # Bitmaps complete in groups: each window runs from its completion phase to the end of
+    # its group, not to the migration's end.
+    recs = [{"mono": 0.0, "type": "phase", "phase": "setup"},
+            {"mono": 1.0, "type": "phase", "phase": "completion", "pending_bytes": 10},
+            {"mono": 1.02, "type": "group", "n": 1},
+            {"mono": 1.5, "type": "phase", "phase": "completion", "pending_bytes": 10},
+            {"mono": 1.53, "type": "group", "n": 2},
+            {"mono": 2.0, "type": "phase", "phase": "done", "downtime_ms": 30.0}]
+    assert series(recs)["frozen"] == [[1.0, 1.02], [1.5, 1.53]]

@@ -18,8 +18,15 @@ SMALL_THRESHOLD = 1 * MiB  # bitmaps this small skip the live phase and are sent
 # 7-9 made it as low as 25 MB/s, and a loaded machine compresses slower.
 DEFLATE_RATE = 100e6
 DEFLATE_BELOW = DEFLATE_RATE / 8
-DOWNTIME_MS = 50.0  # target for the frozen completion window
+DOWNTIME_MS = 50.0  # target for each frozen window (one per group of bitmaps)
 MAX_PASSES = 30  # dirty passes before completion is forced
+# Sizing the frozen windows (groups of bitmaps completed together): the first group of
+# small bitmaps is one bitmap, whose window measures the rate that sizes the next one.
+GROUP_GROWTH = 4  # a group carries at most this many times the bytes of the one before
+GROUP_HISTORY = 4  # groups are sized at the slowest rate of the last this many
+GROUP_AIM = 0.5  # ...to fill this fraction of the downtime target (the rest: noise)
+MIN_RATE_BYTES = 64 * KiB  # a pass carrying less measures the round trip, not a rate
+LIMIT_REFUSALS = 8  # `limit` refusals of one bitmap's start before it fails
 CONNECT_TIMEOUT = 10.0  # seconds to establish a connection and exchange hello
 IO_TIMEOUT = 30.0  # seconds any single wait for the peer may take
 ACK_TIMEOUT = 120.0  # seconds the source waits for the acks after complete

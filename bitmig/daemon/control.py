@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 MAX_REQUEST = 1 << 20
 DRAIN_TIMEOUT = 30.0  # seconds an over-long request's sender has to close
-MAX_MIGRATE_BITMAPS = spec.MAX_BITMAPS  # what one connection may carry
+# Names in one `migrate` request: the session opens further connections past
+# spec.MAX_BITMAPS; this only bounds the request (MAX_REQUEST bounds its bytes anyway).
+MAX_MIGRATE_BITMAPS = 65536
 log = logging.getLogger("bitmig.control")
 
 Handler = Callable[["Daemon", dict[str, Any]], Awaitable[Any]]

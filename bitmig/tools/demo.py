@@ -88,6 +88,8 @@ async def demo(a: argparse.Namespace, show: Any,
         "dest_digest": dest_digests.get(first, "") if first else "",
         "digests": {k: {"source": v, "dest": dest_digests.get(k)} for k, v in src_digests.items()},
         "downtime_ms": round(result.downtime_ms, 3),
+        "frozen_total_ms": round(result.frozen_total_ms, 3),
+        "groups": result.groups,
         "bytes_sent": result.bytes_sent,
         "bytes_live": result.bytes_live,
         "bitmap_bytes": result.bitmap_bytes,
@@ -132,8 +134,11 @@ def run_demo(a: argparse.Namespace) -> int:
               f"{s['zero_runs']}   frames: {s['frames']}")
         print(f"bytes on the wire: {s['bytes_sent']} ({ratio:.3f} x bitmap of "
               f"{format_size(s['bitmap_bytes'])})")
-        print(f"downtime: {s['downtime_ms']:.1f} ms   duration: {s['duration_s']:.2f} s   "
-              f"writes during migration: {s['writes']} (+{s['resets']} resets)")
+        groups = (f" (longest of {s['groups']} frozen windows, {s['frozen_total_ms']:.1f} ms "
+                  "in all)" if s["groups"] > 1 else "")
+        print(f"downtime: {s['downtime_ms']:.1f} ms{groups}   duration: "
+              f"{s['duration_s']:.2f} s   writes during migration: {s['writes']} "
+              f"(+{s['resets']} resets)")
         print(f"source sha256: {s['source_digest']}")
         print(f"dest   sha256: {s['dest_digest']}")
         print("verified: " + ("yes" if s["verified"] else f"NO ({s['error']})"))

@@ -2,7 +2,8 @@
 
 Plots the bytes the source sent (cumulative, from frame records), the dirty bytes
 pending (from the pending_bytes of pass, forced and phase events), a vertical line at
-each dirty pass, and shades the frozen completion window (phase completion -> done).
+each dirty pass, and shades the frozen completion windows (phase completion -> the end of
+its group).
 Needs matplotlib (the `plot` extra).
 """
 
@@ -34,6 +35,8 @@ def series(records: list[dict[str, Any]]) -> dict[str, Any]:
         if typ in ("pass", "phase", "forced", "progress") and "pending_bytes" in r:
             pend_t.append(t)
             pend_b.append(r["pending_bytes"])
+        if typ == "group" and frozen:  # bitmaps complete in groups: one window each
+            frozen[-1][1] = t
         if typ == "pass":
             passes.append((t, r["n"]))
         elif typ == "phase":
@@ -41,7 +44,7 @@ def series(records: list[dict[str, Any]]) -> dict[str, Any]:
             if r["phase"] == "completion":
                 frozen.append([t, t])
             elif r["phase"] == "done":
-                if frozen:
+                if frozen and frozen[-1][1] == frozen[-1][0]:
                     frozen[-1][1] = t
                 pend_t.append(t)
                 pend_b.append(0)

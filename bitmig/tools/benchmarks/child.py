@@ -53,7 +53,8 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
     end = proc_status()
     return {"ok": result.ok, "error": result.error, "duration_s": result.duration_s,
             "bytes_sent": result.bytes_sent, "bitmap_bytes": result.bitmap_bytes,
-            "downtime_ms": result.downtime_ms, "passes": result.passes,
+            "downtime_ms": result.downtime_ms, "frozen_total_ms": result.frozen_total_ms,
+            "groups": result.groups, "passes": result.passes,
             "forced": result.forced, "frames": result.frames,
             "bitmaps_ok": sum(b.ok for b in result.bitmaps),
             "skipped_live": sum(not b.live for b in result.bitmaps),

@@ -249,6 +249,7 @@ async def thousand_bitmaps(quick: bool, where: str = "tmpfs") -> dict[str, Any]:
                   "daemon <= 1.5 x the bitmaps' total + 64 MiB",
         "met": bool(met), "state_dir": where, "bitmaps": count, "bitmap_bytes": total,
         "downtime_ms": round(many["downtime_ms"], 2), "limit_ms": 50.0,
+        "frozen_total_ms": round(many["frozen_total_ms"], 2), "groups": many["groups"],
         "duration_s": round(many["duration_s"], 3),
         "one_bitmap_bytes": ref_size, "one_bitmap_s": round(one["duration_s"], 3),
         "one_bitmap_downtime_ms": round(one["downtime_ms"], 2),
