@@ -19,6 +19,7 @@ from bitmig.core.digest import tree_digest
 from bitmig.daemon import spools as sp_mod
 from bitmig.daemon.service import Daemon
 from bitmig.daemon.spools import Spools
+from bitmig.session.source import MigrationOptions
 
 DISK, GRAN, CHUNK = 1 << 34, 65536, 1024  # 32 KiB serialized
 
@@ -233,7 +234,9 @@ async def test_a_migration_commits_its_bitmaps_in_groups(tmp_path: Path,
     for i in range(n):
         e = src.registry.add("n", f"b{i}", DISK, GRAN, CHUNK)
         e.bitmap.fill_random(0.2, np.random.default_rng(i))
-    result = await src.migrate("127.0.0.1", port)
+    # Every bitmap live (none under the small threshold): they freeze together, so all
+    # their completions arrive in one burst (small ones would complete in groups).
+    result = await src.migrate("127.0.0.1", port, options=MigrationOptions(small_threshold=0))
     assert result.ok, result.error
     await dest.close()
     assert sum(batches) == n and len(batches) < n

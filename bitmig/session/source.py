@@ -1222,7 +1222,11 @@ class SourceSession:
                                                       "left": left}),
                     Connect(now, self.attempt)]
         self.result.ok = all(it.outcome.ok for it in self.items)
-        return self._end_attempt(now, None)
+        # Every bitmap failed (e.g. each refused mid-stream): say so at the top, not only
+        # per bitmap, so an operator sees why the attempt ended.
+        every = not any(it.outcome.ok for it in self.items)
+        return self._end_attempt(now, "ValueError: every bitmap of the attempt failed"
+                                 if every else None)
 
     def _end_attempt(self, now: float, error: str | None) -> list[Action]:
         """Close the attempt: whatever was not acknowledged stays the source's, intact."""
