@@ -10,7 +10,16 @@ from bitmig.protocol import encodings
 from bitmig.protocol.errors import RemoteProtocolError
 from bitmig.protocol.events import Bits, Complete, Spans, Start, Zeroes
 from bitmig.protocol.runs import decode_runs, raw_bytes, spread
-from bitmig.protocol.spec import ErrorCode
+from bitmig.protocol.spec import Encoding, ErrorCode
+
+
+class _Landed:
+    """A raw payload being received straight into the bitmap's words (Assembly.landing)."""
+
+    __slots__ = ("before", "count", "first", "view")
+
+    def __init__(self, first: int, count: int, before: int, view: memoryview) -> None:
+        self.first, self.count, self.before, self.view = first, count, before, view
 
 
 class Assembly:
@@ -22,6 +31,7 @@ class Assembly:
         self.bitmap = DirtyBitmap(start.disk_size, start.granularity, start.chunk_size)
         self.digests = DigestCache(self.bitmap)
         self.received = np.zeros(self.bitmap.nchunks, dtype=bool)
+        self._landed: _Landed | None = None
 
     @classmethod
     def replacing(cls, start: Start, base: DirtyBitmap | None) -> Assembly:
@@ -33,11 +43,52 @@ class Assembly:
             asm.received[:] = True
         return asm
 
+    def landing(self, frame: Bits) -> memoryview | None:
+        """Where the raw payload of `frame` (checked, still arriving) should be received:
+        the bitmap's own words for those chunks, so the bytes are copied once, from the
+        kernel. The frame must then come to apply() (which accounts for the bytes); a
+        payload that never completes is settled by abandon(). None: any other encoding
+        or size, or a landing already open (the payload goes to a buffer, as usual)."""
+        if frame.enc != Encoding.RAW or self._landed is not None:
+            return None
+        bm = self.bitmap
+        first, count = frame.first, frame.count
+        if memoryview(frame.data).nbytes != bm.chunk_bytes(first, count):
+            return None  # apply() reports the wrong length
+        fresh = not self.received[first : first + count].any()
+        before = bm.begin_overwrite(first, count, fresh)
+        view = bm.serialize(first, count)
+        self._landed = _Landed(first, count, before, view)
+        return view
+
+    def abandon(self) -> None:
+        """The landed payload will never complete (the connection broke inside it): its
+        chunks hold part old, part new bytes, so they are cleared and count as not
+        received (a resume asks for them again)."""
+        landed, self._landed = self._landed, None
+        if landed is not None:
+            bm, first, count = self.bitmap, landed.first, landed.count
+            bm.end_overwrite(first, count, landed.before, check=False)
+            bm.deserialize_zeroes(first, count)  # as if never received: "fresh" holds
+            self.received[first : first + count] = False
+
     def apply(self, frame: Bits | Zeroes | Spans) -> None:
+        bm = self.bitmap
+        landed = self._landed
+        if landed is not None:
+            if type(frame) is Bits and frame.data is landed.view:
+                self._landed = None
+                first, count = landed.first, landed.count
+                try:
+                    bm.end_overwrite(first, count, landed.before)
+                except ValueError as e:
+                    raise RemoteProtocolError(ErrorCode.BAD_PAYLOAD, str(e), frame.id) from None
+                self.received[first : first + count] = True
+                return
+            self.abandon()
         if type(frame) is Spans:
             self.apply_spans(frame)
             return
-        bm = self.bitmap
         first, count = frame.first, frame.count
         if type(frame) is Zeroes:
             bm.deserialize_zeroes(first, count)

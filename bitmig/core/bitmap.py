@@ -366,6 +366,11 @@ class DirtyBitmap:
         # `fresh`: the caller knows these chunks are still all zero (never written).
         before = 0 if fresh else int(np.bitwise_count(seg).sum())
         seg[:] = new
+        self._stored(first, count, seg, before)
+
+    def _stored(self, first: int, count: int, seg: np.ndarray, before: int) -> None:
+        """Chunks [first, first + count) (their words: `seg`) were overwritten; they held
+        `before` set bits: keep the tail clear, the count and the trackers right."""
         if first + count == self.nchunks:
             seg[-1] &= self._tail_mask  # padding bits past the last cluster stay zero
         self._count += int(np.bitwise_count(seg).sum()) - before
@@ -373,6 +378,22 @@ class DirtyBitmap:
         for t in self._trackers:
             if t is not self.meta:
                 t.flags[lo >> t.shift : ((lo + seg.size - 1) >> t.shift) + 1] = True
+
+    def begin_overwrite(self, first: int, count: int, fresh: bool = False) -> int:
+        """Chunks [first, first + count) are about to be overwritten in place (bytes
+        received straight into serialize()'s view); returns what end_overwrite needs."""
+        self._check_chunks(first, count)
+        return 0 if fresh else int(np.bitwise_count(self.chunk_words_view(first, count)).sum())
+
+    def end_overwrite(self, first: int, count: int, before: int, check: bool = True) -> None:
+        """The in-place overwrite begun with begin_overwrite is done: keep the count and
+        the trackers right, as deserialize would. Bits past the end of the disk raise
+        ValueError (then cleared) unless `check` is False (then just cleared)."""
+        seg = self.chunk_words_view(first, count)
+        bad = first + count == self.nchunks and int(seg[-1]) & ~int(self._tail_mask)
+        self._stored(first, count, seg, before)
+        if bad and check:
+            raise ValueError("bits set past the end of the disk")
 
     def deserialize(self, first: int, count: int, data: Buffer, fresh: bool = False) -> None:
         """Overwrite chunks [first, first + count) with serialized bytes."""

@@ -41,16 +41,25 @@ class DigestCache:
         """Rehash stale blocks (of the words [first_word, end_word) only, if given). Safe in
         a worker thread: a block changed while it is hashed is flagged again and rehashed
         next time. Returns blocks hashed."""
-        words = self.bitmap.words
         if end_word is None:
             todo = self.stale.dirty()
         else:
             lo = first_word // BLOCK_WORDS
             todo = np.flatnonzero(self.stale.flags[lo : -(-end_word // BLOCK_WORDS)]) + lo
-        for i in todo.tolist():
-            self.stale.flags[i] = False  # before reading: a concurrent change re-flags it
-            block = words[i * BLOCK_WORDS : (i + 1) * BLOCK_WORDS]
-            self.leaves[i] = np.frombuffer(blake3(block.view(np.uint8)).digest(), dtype=np.uint8)
+        if todo.size == 0:
+            return 0
+        # Runs of consecutive stale blocks, each hashed in one comprehension and stored
+        # with one array assignment: per-block numpy calls cost 2-3 x the hashing itself.
+        last = np.flatnonzero(np.diff(todo) != 1)  # the last block of each run but one
+        starts = [int(todo[0]), *(todo[last + 1]).tolist()]
+        ends = [*(todo[last] + 1).tolist(), int(todo[-1]) + 1]
+        data = memoryview(self.bitmap.words).cast("B")
+        block = spec.DIGEST_BLOCK
+        for a, b in zip(starts, ends, strict=True):
+            self.stale.flags[a:b] = False  # before reading: a concurrent change re-flags
+            leaves = b"".join([blake3(data[o : o + block]).digest()
+                               for o in range(a * block, min(b * block, data.nbytes), block)])
+            self.leaves[a:b] = np.frombuffer(leaves, dtype=np.uint8).reshape(b - a, -1)
         return int(todo.size)
 
     def digest(self) -> bytes:

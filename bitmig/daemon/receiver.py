@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bitmig.core.assembly import Assembly
@@ -56,7 +58,15 @@ class Receiver:
         self.ch = Channel(reader, writer, Role.DESTINATION, host.trace, host.io_timeout)
         self.session = ds.DestinationSession(host.intake, host.stored, self.ch.peer,
                                              target=host.target is not None)
+        self.ch.landing = self.session.landing  # raw payloads land in the bitmap
         self.tasks: set[asyncio.Task[None]] = set()  # background syncs and what follows
+        # Spool writes run in one worker thread, in order (pwrite releases the GIL, so
+        # they overlap with receiving the next frames; the bytes are views of the
+        # bitmap, nothing is copied to queue them); whatever syncs, commits, closes,
+        # reopens or discards a spool first waits for the writes queued before it.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="spool-write")
+        self._queued: deque[ds.WriteRange] = deque()
+        self._job: asyncio.Future[list[tuple[ds.WriteRange, Exception]]] | None = None
 
     async def run(self) -> None:
         ch, h, s = self.ch, self.host, self.session
@@ -89,19 +99,53 @@ class Receiver:
             log.warning("%s: %s", ch.peer, e)
             h.trace.event("error", peer=ch.peer, code="peer", message=str(e))
         finally:
+            await self._flushed()
             while self.tasks:  # a sync (and the commit it may lead to) ends first
                 await asyncio.wait(set(self.tasks))
             await self._do(s.close(time.monotonic(), cut))
             h.parked()
             await ch.close()
+            self._writer.shutdown(wait=False)  # nothing is queued any more
             h.trace.flush()
 
     def _write(self, a: ds.WriteRange) -> None:
-        try:
-            self.host.spools.write(a.spool, a.offset, a.data)
-        except StoreError as e:
-            self._later(self._do(self.session.handle(ds.StoreFailed(a.id, str(e)),
-                                                     time.monotonic())))
+        self._queued.append(a)
+        if self._job is None:
+            self._start_writes()
+
+    def _start_writes(self) -> None:
+        job = asyncio.get_running_loop().run_in_executor(self._writer, self._run_writes)
+        job.add_done_callback(self._writes_done)
+        self._job = job
+
+    def _run_writes(self) -> list[tuple[ds.WriteRange, Exception]]:
+        """In the worker thread: every queued write, in order, one hand-off for all."""
+        failed = []
+        while self._queued:
+            a = self._queued.popleft()
+            try:
+                self.host.spools.write(a.spool, a.offset, a.data)
+            except Exception as e:  # reported on the loop's side
+                failed.append((a, e))
+        return failed
+
+    def _writes_done(self, job: asyncio.Future[list[tuple[ds.WriteRange, Exception]]]) -> None:
+        self._job = None
+        failed = [] if job.cancelled() or job.exception() else job.result()
+        for a, e in failed:
+            if isinstance(e, StoreError):
+                self._later(self._do(self.session.handle(ds.StoreFailed(a.id, str(e)),
+                                                         time.monotonic())))
+            else:
+                log.error("%s: spool write failed: %r", self.ch.peer, e)
+        if self._queued:  # queued after the worker looked for the last time
+            self._start_writes()
+
+    async def _flushed(self) -> None:
+        """Wait until every write queued so far is done (their errors reported by
+        _writes_done)."""
+        while self._job is not None:
+            await asyncio.wait({self._job})
 
     def _later(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -140,6 +184,7 @@ class Receiver:
                 except (ValueError, MemoryError) as e:
                     done = ds.AllocFailed(a.id, str(e))
             elif t is ds.OpenSpool or t is ds.ReopenSpool:
+                await self._flushed()
                 try:
                     if t is ds.OpenSpool:
                         await asyncio.to_thread(sp.open, a.spool, a.node, a.name, a.size,
@@ -150,8 +195,10 @@ class Receiver:
                 except StoreError as e:
                     done = ds.StoreFailed(a.id, str(e))
             elif t is ds.CloseSpool:
+                await self._flushed()
                 sp.close(a.spool)
             elif t is ds.DiscardSpool:
+                await self._flushed()
                 sp.discard(a.spool)
             elif t is ds.Commit:
                 # In the background: the next frames (the other bitmaps' completes) are
@@ -177,6 +224,7 @@ class Receiver:
 
     async def _sync(self, a: ds.Sync) -> None:
         err = None
+        await self._flushed()
         try:
             await self.host.spools.sync(a.spool)
         except StoreError as e:
@@ -185,6 +233,7 @@ class Receiver:
 
     async def _commit(self, a: ds.Commit) -> None:
         done: ds.Stored | ds.StoreFailed
+        await self._flushed()  # the bitmap's last writes are in the file first
         try:
             done = ds.Stored(a.id, await self.host.spools.commit(a.spool, a.meta, a.bitmap))
         except StoreError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 import msgpack
@@ -146,6 +147,13 @@ def decode_body(body: bytes | memoryview) -> Event:
         raise RemoteProtocolError(
             ErrorCode.MALFORMED, f"frame body must be a msgpack map, got {type(obj).__name__}"
         )
+    return _event_of(obj)
+
+
+def _event_of(obj: dict[str, Any], payload: Any = None) -> Event:
+    """The event of a decoded frame map, every field checked. `payload`: the data field of
+    a bits frame whose payload is not in `obj` (decode_bits_head): its length is checked
+    here, its bytes are not needed."""
     if spec.KIND_FIELD not in obj:
         raise _bad("frame has no kind field")
     raw_kind = obj[spec.KIND_FIELD]
@@ -158,6 +166,13 @@ def decode_body(body: bytes | memoryview) -> Event:
                                   f"unknown frame kind {raw_kind}") from None
     values: dict[str, Any] = {}
     for f in spec.FIELDS[kind]:
+        if payload is not None and f.name == "data":
+            n = memoryview(payload).nbytes
+            if not f.lo <= n <= f.hi:
+                raise _bad(f"{kind.name.lower()}.data is {n} bytes long, allowed "
+                           f"[{f.lo}, {f.hi}]")
+            values["data"] = payload
+            continue
         if f.name not in obj:
             if f.required:
                 raise _bad(f"{kind.name.lower()} frame lacks the field {f.name!r}")
@@ -167,3 +182,55 @@ def decode_body(body: bytes | memoryview) -> Event:
         decode_runs(values["runs"])  # its structure is part of the field's check
     # Unknown fields are ignored: that is how later versions extend a frame.
     return EVENT_TYPES[kind](**values)
+
+
+_VOID: list[memoryview] = []
+
+
+def _void(n: int) -> memoryview:
+    """n read-only zero bytes that cost no memory (an untouched anonymous mapping)."""
+    if not _VOID:
+        _VOID.append(memoryview(mmap.mmap(-1, spec.MAX_FRAME_BYTES, prot=mmap.PROT_READ)))
+    return _VOID[0][:n]
+
+
+HEAD_BYTES = 128  # a bits frame's fields before its payload fit in this (~40 bytes as sent)
+_BIN_SIZES = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def decode_bits_head(head: bytes | memoryview, body_len: int) -> tuple[Bits, int] | None:
+    """A bits frame decoded from the first bytes of its body, before its payload arrived.
+
+    `head` holds the first min(body_len, HEAD_BYTES) bytes (or more) of a body of
+    `body_len` bytes. When the body is a map whose last entry is `data`, a bin running
+    exactly to the end of the body, returns the event, checked like decode_body does,
+    and the payload's offset in the body. The event's data is a read-only placeholder of
+    the payload's length (no memory behind it): the caller decides where the payload goes
+    once the event passed the connection's checks, and puts the real bytes in. Anything
+    else (another kind, another layout, a bad field) returns None: decode_body then
+    decodes the whole frame and reports its error.
+    """
+    mv = memoryview(head).cast("B")
+    up = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True,
+                          max_buffer_size=max(len(mv), 1))
+    up.feed(mv[:HEAD_BYTES])
+    try:
+        n = up.read_map_header()
+        pairs: list[tuple[Any, Any]] = []
+        for i in range(n):
+            key = up.unpack()
+            if key == "data" and i == n - 1:
+                pos = up.tell()
+                width = _BIN_SIZES.get(mv[pos]) if pos < len(mv) else None
+                if width is None or pos + 1 + width > len(mv):
+                    return None
+                size = int.from_bytes(mv[pos + 1 : pos + 1 + width], "big")
+                start = pos + 1 + width
+                if start + size != body_len or size > spec.MAX_FRAME_BYTES:
+                    return None
+                event = _event_of(_strict_map(pairs), _void(size))
+                return (event, start) if type(event) is Bits else None
+            pairs.append((key, up.unpack()))
+    except (ValueError, TypeError, msgpack.UnpackException, RemoteProtocolError):
+        return None  # OutOfData too (a longer head): the whole-frame path decides
+    return None

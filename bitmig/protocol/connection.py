@@ -7,12 +7,13 @@ a clock or a bitmap; the daemons are thin adapters that move its bytes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from bitmig.protocol import geometry, spec
-from bitmig.protocol.codec import decode_body, encode
+from bitmig.protocol.codec import HEAD_BYTES, decode_bits_head, decode_body, encode
 from bitmig.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from bitmig.protocol.events import (
     BitmapFailed,
@@ -37,6 +38,21 @@ from bitmig.protocol.state import (
 
 # Called for every frame that crosses: (direction "send"/"recv", event, frame bytes).
 FrameObserver = Callable[[str, Event, int], None]
+# Asked where the payload of a checked bits frame should be received (see Connection.landing).
+Landing = Callable[[Bits], "memoryview | None"]
+
+LAND_MIN = 64 << 10  # payloads from this size on are received in place, not buffered
+SCRATCH = 64 << 10  # receive_buffer's size between claimed payloads
+
+
+@dataclass(slots=True)
+class _Claim:
+    """A bits frame whose head was decoded and checked; its payload is still arriving."""
+
+    event: Bits
+    view: memoryview  # exactly the payload's bytes
+    filled: int
+    frame_bytes: int  # prefix + body, for the counters
 
 
 @dataclass(slots=True)
@@ -85,8 +101,39 @@ class Connection:
         self.frames_received: Counter[str] = Counter()
         self._buf = bytearray()
         self._pos = 0  # start of unparsed bytes in _buf
+        # Receiving in place (receive_buffer/received_into): when set, a large bits
+        # frame is decoded and checked from its head, then `landing(event)` names the
+        # memory its payload belongs in (a writable byte view of exactly its size, handed
+        # back as the event's data; None: a buffer of its own), and the payload is
+        # received there, never copied through _buf.
+        self.landing: Landing | None = None
+        self._claim: _Claim | None = None
+        self._scratch: memoryview | None = None
+        self._into_claim = False  # what receive_buffer handed out last
 
     # -- receiving --------------------------------------------------------------------
+
+    def receive_buffer(self) -> memoryview:
+        """Where the next bytes from the peer should be received (then call
+        received_into): the rest of a claimed payload, or a scratch buffer."""
+        if self._claim is not None:
+            self._into_claim = True
+            return self._claim.view[self._claim.filled :]
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(SCRATCH))
+        self._into_claim = False
+        return self._scratch
+
+    def received_into(self, n: int) -> list[Received]:
+        """`n` bytes were written at the start of the last receive_buffer(); like
+        receive_data for them."""
+        if not self._into_claim:
+            assert self._scratch is not None
+            return self.receive_data(self._scratch[:n])
+        claim = self._claim
+        assert claim is not None and n <= len(claim.view) - claim.filled
+        claim.filled += n
+        return [self._finish_claim()] if claim.filled == len(claim.view) else []
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Received]:
         """Feed bytes from the peer; return the events of every complete frame, in order.
@@ -98,8 +145,21 @@ class Connection:
         """
         if self.state is ConnState.FAILED:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED, "data after the connection failed")
-        self._buf += data
         events: list[Received] = []
+        claim = self._claim
+        if claim is not None:  # the rest of a claimed payload comes first
+            with memoryview(data) as mv:
+                k = min(mv.nbytes, len(claim.view) - claim.filled)
+                claim.view[claim.filled : claim.filled + k] = mv.cast("B")[:k]
+                claim.filled += k
+                if claim.filled < len(claim.view):
+                    return events
+                events.append(self._finish_claim())
+                if k == mv.nbytes:
+                    return events
+                self._buf += mv.cast("B")[k:]
+        else:
+            self._buf += data
         buf = self._buf
         prefix = spec.LENGTH_PREFIX.size
         try:
@@ -112,6 +172,8 @@ class Connection:
                     )
                 end = self._pos + prefix + n
                 if len(buf) < end:
+                    if self.landing is not None and n >= LAND_MIN:
+                        self._try_claim(n)
                     break
                 with memoryview(buf) as mv:
                     event = decode_body(mv[self._pos + prefix : end])
@@ -129,10 +191,7 @@ class Connection:
                     self.bytes_received += prefix + n
                     events.append(BitmapFailed(e.bitmap_id, str(e.code), e.message))
                     continue
-                self.bytes_received += prefix + n
-                self.frames_received[event.KIND.name.lower()] += 1
-                if self.observer:
-                    self.observer("recv", event, prefix + n)
+                self._count_received(event, prefix + n)
                 events.append(event)
         except ProtocolError:
             self.state = ConnState.FAILED
@@ -144,13 +203,55 @@ class Connection:
                 self._pos = 0
         return events
 
+    def _count_received(self, event: Event, nbytes: int) -> None:
+        self.bytes_received += nbytes
+        self.frames_received[event.KIND.name.lower()] += 1
+        if self.observer:
+            self.observer("recv", event, nbytes)
+
+    def _try_claim(self, n: int) -> None:
+        """The buffer holds the start of a large frame of body length n: when it is a bits
+        frame that passes every check on its head, claim it (see `landing`). Otherwise
+        nothing happens and the whole frame is buffered and decoded as usual, which
+        reports the same errors."""
+        buf, body = self._buf, self._pos + spec.LENGTH_PREFIX.size
+        if len(buf) - body < min(n, HEAD_BYTES):
+            return
+        with memoryview(buf) as mv:
+            head = decode_bits_head(mv[body : body + HEAD_BYTES], n)
+        if head is None:
+            return
+        event, offset = head
+        try:
+            self._check(event, self.role.peer, RemoteProtocolError)
+        except ProtocolError:
+            return  # no state changed: the whole frame's decode reports it
+        assert self.landing is not None
+        size = n - offset
+        view = self.landing(event)
+        if view is None or view.nbytes != size or view.readonly or view.format != "B":
+            view = memoryview(bytearray(size))
+        have = len(buf) - (body + offset)
+        with memoryview(buf) as mv:
+            view[:have] = mv[body + offset :]
+        self._pos = len(buf)
+        self._claim = _Claim(event, view, have, spec.LENGTH_PREFIX.size + n)
+
+    def _finish_claim(self) -> Bits:
+        claim = self._claim
+        assert claim is not None
+        self._claim = None
+        event = dataclasses.replace(claim.event, data=claim.view)
+        self._count_received(event, claim.frame_bytes)
+        return event
+
     def receive_eof(self) -> None:
         """The peer closed its side. Raises unless that was the protocol's end."""
-        if len(self._buf) > self._pos:
+        if self.buffered:
             self.state = ConnState.FAILED
             raise RemoteProtocolError(
                 ErrorCode.TRUNCATED,
-                f"stream ended inside a frame ({len(self._buf) - self._pos} bytes buffered)",
+                f"stream ended inside a frame ({self.buffered} bytes buffered)",
             )
         if self.state not in (ConnState.CLOSED, ConnState.FAILED):
             state, self.state = self.state, ConnState.FAILED
@@ -161,7 +262,8 @@ class Connection:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete frame."""
-        return len(self._buf) - self._pos
+        claim = self._claim
+        return len(self._buf) - self._pos + (claim.filled if claim is not None else 0)
 
     # -- sending ----------------------------------------------------------------------
 

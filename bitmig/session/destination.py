@@ -485,6 +485,8 @@ class DestinationSession:
         out: list[Action] = []
         for bid in list(self.bitmaps):
             b = self.bitmaps[bid]
+            if b.asm is not None:
+                b.asm.abandon()  # a payload cut short inside the bitmap's memory
             if (cut and b.start.token is not None and b.base is None and b.asm is not None
                     and b.phase in (Phase.STREAMING, Phase.SYNCING)):
                 del self.bitmaps[bid]
@@ -597,6 +599,15 @@ class DestinationSession:
         return self._ready(ev.id, b)
 
     # -- streaming --------------------------------------------------------------------
+
+    def landing(self, ev: Bits) -> memoryview | None:
+        """Where the payload of a checked bits frame, still arriving, may be received in
+        place (the adapter asks while every earlier frame is handled; the frame then comes
+        to handle() as usual): the bitmap's own memory for a raw payload, else None."""
+        b = self.bitmaps.get(ev.id)
+        if b is None or b.phase is not Phase.STREAMING or b.asm is None:
+            return None
+        return b.asm.landing(ev)
 
     def _apply(self, ev: Bits | Zeroes, now: float) -> list[Action]:
         b = self.bitmaps.get(ev.id)
