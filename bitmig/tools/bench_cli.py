@@ -38,7 +38,7 @@ def add_bench_parser(sub: Any, formatter: Any) -> None:
     b = sub.add_parser(
         "bench", formatter_class=formatter, help="run the benchmarks",
         description="Measure bitmig on loopback against raw TCP, stop-and-copy and roaring.\n"
-        "Full run: about 10 minutes on a quiet 2-core machine (far longer on a busy one); "
+        "Full run: about 4 minutes on a quiet 2-core machine (far longer on a busy one); "
         "--quick: under 2 minutes at load 3.5, 6-7 minutes at load 12-15.")
     b.add_argument("--json", action="store_true", help="print all figures as one JSON object")
     b.add_argument("--quick", action="store_true", help="small sizes (CI, smoke test)")
