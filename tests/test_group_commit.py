@@ -177,26 +177,31 @@ async def test_commits_due_meanwhile_form_the_next_batch(tmp_path: Path,
     store = st.Store(tmp_path)
     spools = Spools(store)
     batches: list[int] = []
-    release = asyncio.Event()
+    started, release = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     real = sp_mod.commit_batch
 
     def slow(store: st.Store, items, pmap=None):
         batches.append(len(items))
         if len(batches) == 1:  # hold the first batch until the others are due
+            loop.call_soon_threadsafe(started.set)
             asyncio.run_coroutine_threadsafe(release.wait(), loop).result(30)
         return real(store, items)
+
+    class Due(list):  # releases the first batch once the other seven commits are due
+        def append(self, item) -> None:
+            super().append(item)
+            if len(self) == 7:
+                release.set()
     monkeypatch.setattr(sp_mod, "commit_batch", slow)
     bms = {f"b{i}": bitmap(i) for i in range(8)}
     for h, (k, bm) in enumerate(bms.items()):
         spools.open(h, "n", k, bm.serialized_size, memoryview(bm.words).cast("B"))
     first = asyncio.create_task(spools.commit(0, meta_of("b0", bms["b0"]), bms["b0"]))
-    while not batches:  # the first batch runs in its thread
-        await asyncio.sleep(0)
+    await asyncio.wait_for(started.wait(), 30)  # the first batch runs in its thread
+    spools.due = Due(spools.due)
     rest = [asyncio.create_task(spools.commit(h, meta_of(k, bm), bm))
             for h, (k, bm) in enumerate(bms.items()) if h]
-    await asyncio.sleep(0)
-    release.set()
     await asyncio.gather(first, *rest)
     assert batches == [1, 7]
     assert len(loaded(store)) == 8
