@@ -401,13 +401,7 @@ class Connection:
             raise err(ErrorCode.CHUNK_RANGE, f"spans run ends at chunk {end}, outside "
                                              f"[0, {geo.nchunks}) of bitmap {event.id}")
         raw = raw_bytes(firsts, counts, geo.serialized_size, geo.start.chunk_size)
-        if raw > spec.MAX_FRAME_PAYLOAD:
-            raise err(ErrorCode.CHUNK_RANGE, f"spans frame covers {raw} bytes, limit is "
-                                             f"{spec.MAX_FRAME_PAYLOAD}")
-        n = memoryview(event.data).nbytes
-        if n > raw:
-            raise err(ErrorCode.BAD_PAYLOAD, f"encoded payload of {n} bytes exceeds the "
-                                             f"{raw} raw bytes it stands for", event.id)
+        self._check_payload(event, raw, "spans", err)
 
     def _check_range(self, event: Bits | Zeroes, geo: BitmapGeometry,
                      err: type[ProtocolError]) -> None:
@@ -418,12 +412,18 @@ class Connection:
         if type(event) is not Bits:
             return
         raw = geometry.chunk_bytes(geo.serialized_size, geo.start.chunk_size, first, count)
+        self._check_payload(event, raw, "bits", err)
+
+    @staticmethod
+    def _check_payload(event: Bits | Spans, raw: int, kind: str,
+                       err: type[ProtocolError]) -> None:
+        """The frame's raw bytes within the frame limit, its payload within them. Only the
+        bound here (nothing longer than the chunks is ever buffered or inflated); the exact
+        length of a raw payload, zlib or not, is checked once, by encodings.decode, where
+        the decoded bytes exist."""
         if raw > spec.MAX_FRAME_PAYLOAD:
-            raise err(ErrorCode.CHUNK_RANGE, f"bits frame covers {raw} bytes, limit is "
+            raise err(ErrorCode.CHUNK_RANGE, f"{kind} frame covers {raw} bytes, limit is "
                                              f"{spec.MAX_FRAME_PAYLOAD}")
-        # Only the bound here (nothing longer than the chunks is ever buffered or inflated);
-        # the exact length of a raw payload, zlib or not, is checked once, by
-        # encodings.decode, where the decoded bytes exist.
         n = memoryview(event.data).nbytes
         if n > raw:
             raise err(ErrorCode.BAD_PAYLOAD, f"encoded payload of {n} bytes exceeds the "
